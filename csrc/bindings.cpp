@@ -1,0 +1,65 @@
+// Python bindings of ppfast._C.
+#include <torch/extension.h>
+
+#include "engine.h"
+
+namespace py = pybind11;
+
+namespace {
+
+// ranks: per rank a flat list [kind, stage, mb, action, kind, stage, mb, action, ...]
+py::dict run_program_py(const std::vector<int32_t>& stage_to_rank, int32_t num_mb,
+                        const std::vector<std::vector<int32_t>>& ranks, bool strict,
+                        std::vector<double> cost, double comm, std::vector<double> act,
+                        double w_keep) {
+  ppfast::ProgramView view;
+  view.num_stages = static_cast<int32_t>(stage_to_rank.size());
+  view.num_mb = num_mb;
+  view.stage_to_rank = stage_to_rank;
+  view.ranks.resize(ranks.size());
+  for (size_t r = 0; r < ranks.size(); ++r) {
+    const auto& flat = ranks[r];
+    if (flat.size() % 4 != 0) throw std::invalid_argument("each rank needs 4 ints per part");
+    auto& parts = view.ranks[r];
+    parts.reserve(flat.size() / 4);
+    for (size_t i = 0; i < flat.size(); i += 4) {
+      parts.push_back(ppfast::Part{flat[i + 1], flat[i + 2], static_cast<int8_t>(flat[i]),
+                                   flat[i + 3]});
+    }
+  }
+  ppfast::CostModel costs{std::move(cost), comm, std::move(act), w_keep};
+  ppfast::Result res;
+  {
+    py::gil_scoped_release nogil;
+    res = ppfast::run_program(view, strict ? ppfast::Mode::kStrict : ppfast::Mode::kTimed,
+                              costs);
+  }
+  py::dict out;
+  out["finished"] = res.finished;
+  out["error"] = res.error;
+  out["error_rank"] = res.error_rank;
+  out["error_action"] = res.error_action;
+  out["start"] = res.start;
+  out["end"] = res.end;
+  out["peak_mem"] = res.peak_mem;
+  out["final_mem"] = res.final_mem;
+  out["busy"] = res.busy;
+  py::list stuck;
+  for (const auto& w : res.stuck) {
+    stuck.append(py::make_tuple(w.rank, w.action, w.part, w.need_kind, w.need_stage, w.need_mb,
+                                w.peer));
+  }
+  out["stuck"] = stuck;
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "ppfast native core: program engine (dry run and timing)";
+  m.def("run_program", &run_program_py, py::arg("stage_to_rank"), py::arg("num_mb"),
+        py::arg("ranks"), py::arg("strict"), py::arg("cost"), py::arg("comm"), py::arg("act"),
+        py::arg("w_keep"),
+        "Walk a program: strict=True is the validator's dry run (blocking receives, rendezvous "
+        "sends, coalesced groups); strict=False times it with the given costs.");
+}

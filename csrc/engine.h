@@ -1,0 +1,98 @@
+// The program engine: walks every rank's action list against the pipeline's data
+// dependencies, either timed (the simulator) or untimed with blocking receives and rendezvous
+// sends (the validator's dry run). Pure C++17; no torch, no device.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace ppfast {
+
+// Codes shared with python/ppfast/_engine.py.
+enum Kind : int8_t {
+  kF = 0,
+  kI = 1,
+  kW = 2,
+  kB = 3,
+  kSendF = 4,
+  kRecvF = 5,
+  kSendB = 6,
+  kRecvB = 7,
+};
+
+inline bool is_comm(int k) { return k >= kSendF; }
+
+// One simple action. Consecutive parts of a rank that share `action` form one compound action
+// (OVERLAP_F_B): they start together and take the sum of their costs.
+struct Part {
+  int32_t stage;
+  int32_t mb;
+  int8_t kind;
+  int32_t action;
+};
+
+struct ProgramView {
+  int32_t num_stages = 0;
+  int32_t num_mb = 0;
+  std::vector<int32_t> stage_to_rank;
+  std::vector<std::vector<Part>> ranks;
+  int num_ranks() const { return static_cast<int>(ranks.size()); }
+};
+
+enum class Mode { kTimed, kStrict };
+
+struct CostModel {
+  // cost[stage * 4 + kind] for kind in F, I, W, B
+  std::vector<double> cost;
+  // time between the end of a producing action and the data being usable on another rank
+  double comm = 0.0;
+  // activations one F of a stage adds (memory units); size num_stages
+  std::vector<double> act;
+  // share of a stage's activations that a pending W still holds after I
+  double w_keep = 0.5;
+};
+
+// Why a rank cannot take its next action.
+struct Wait {
+  int rank = -1;
+  int action = -1;   // index in the rank's action list
+  int part = -1;     // index in the rank's part list
+  int need_kind = -1;  // the event it waits for (see WaitWhat)
+  int need_stage = -1;
+  int need_mb = -1;
+  int peer = -1;  // rank that would produce the event
+};
+
+// What a Wait waits for.
+enum WaitWhat : int {
+  kWaitForwardDone = 0,   // F(stage, mb) has run (on `peer`)
+  kWaitGradDone = 1,      // I or B(stage, mb) has run (on `peer`)
+  kWaitRecvFPosted = 2,   // `peer` posts RECV_F(stage, mb) (a rendezvous send waits for it)
+  kWaitSendFPosted = 3,   // `peer` posts SEND_F(stage, mb)
+  kWaitRecvBPosted = 4,
+  kWaitSendBPosted = 5,
+  kWaitRecvFDone = 6,     // this rank's own RECV_F(stage, mb) has completed
+  kWaitRecvBDone = 7,
+};
+
+struct Result {
+  bool finished = false;
+  // a program error found while walking (e.g. a send before the compute it carries)
+  std::string error;
+  int error_rank = -1;
+  int error_action = -1;
+  // per rank, per action: start and end (timed mode only)
+  std::vector<std::vector<double>> start, end;
+  // per rank: peak and final activation memory, busy time
+  std::vector<double> peak_mem, final_mem, busy;
+  // ranks left waiting forever, in rank order, when !finished
+  std::vector<Wait> stuck;
+};
+
+Result run_program(const ProgramView& program, Mode mode, const CostModel& costs);
+
+// Human-readable name of a part ("2RECV_F3").
+std::string part_name(const Part& p);
+
+}  // namespace ppfast

@@ -1,0 +1,1 @@
+"""Triton kernels of ppfast (fused split-backward for linear layers)."""

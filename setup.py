@@ -1,0 +1,66 @@
+"""Builds the native module ppfast._C with torch's cpp_extension (ninja).
+
+Environment switches:
+  PPFAST_CUDA=0   build without the CUDA parts even where nvcc and a CUDA torch are present
+  PPFAST_DEBUG=1  build with -O0 -g
+"""
+
+import os
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+
+
+def core_sources():
+    lines = (ROOT / "csrc" / "SOURCES").read_text().splitlines()
+    return [f"csrc/{x.strip()}" for x in lines if x.strip() and not x.startswith("#")]
+
+
+def want_cuda():
+    if os.environ.get("PPFAST_CUDA", "1") == "0":
+        return False
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME
+    except ImportError:
+        return False
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def ext_modules():
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError as e:
+        raise SystemExit(
+            "ppfast builds its native module against an installed torch: "
+            "`pip install torch` first, then `pip install --no-build-isolation .`"
+        ) from e
+    debug = os.environ.get("PPFAST_DEBUG", "0") == "1"
+    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    cxx += ["-std=c++17", "-Wall"]
+    sources = core_sources() + ["csrc/bindings.cpp"]
+    kwargs = {"include_dirs": [str(ROOT / "csrc")]}
+    if want_cuda():
+        cuda_dir = ROOT / "csrc" / "cuda"
+        sources += sorted(f"csrc/cuda/{p.name}" for p in cuda_dir.glob("*.c*"))
+        ext = CUDAExtension(
+            "ppfast._C",
+            sources,
+            define_macros=[("PPFAST_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+            **kwargs,
+        )
+    else:
+        ext = CppExtension("ppfast._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+modules, cmdclass = ext_modules()
+setup(
+    package_dir={"ppfast": "python/ppfast", "ppfast.kernels": "kernels"},
+    packages=["ppfast", "ppfast.schedules", "ppfast.kernels"],
+    ext_modules=modules,
+    cmdclass=cmdclass,
+)
