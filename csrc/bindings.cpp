@@ -8,10 +8,8 @@ namespace py = pybind11;
 namespace {
 
 // ranks: per rank a flat list [kind, stage, mb, action, kind, stage, mb, action, ...]
-py::dict run_program_py(const std::vector<int32_t>& stage_to_rank, int32_t num_mb,
-                        const std::vector<std::vector<int32_t>>& ranks, bool strict,
-                        std::vector<double> cost, double comm, std::vector<double> act,
-                        double w_keep) {
+ppfast::ProgramView make_view(const std::vector<int32_t>& stage_to_rank, int32_t num_mb,
+                              const std::vector<std::vector<int32_t>>& ranks) {
   ppfast::ProgramView view;
   view.num_stages = static_cast<int32_t>(stage_to_rank.size());
   view.num_mb = num_mb;
@@ -27,13 +25,10 @@ py::dict run_program_py(const std::vector<int32_t>& stage_to_rank, int32_t num_m
                                    flat[i + 3]});
     }
   }
-  ppfast::CostModel costs{std::move(cost), comm, std::move(act), w_keep};
-  ppfast::Result res;
-  {
-    py::gil_scoped_release nogil;
-    res = ppfast::run_program(view, strict ? ppfast::Mode::kStrict : ppfast::Mode::kTimed,
-                              costs);
-  }
+  return view;
+}
+
+py::dict result_dict(const ppfast::Result& res) {
   py::dict out;
   out["finished"] = res.finished;
   out["error"] = res.error;
@@ -53,13 +48,60 @@ py::dict run_program_py(const std::vector<int32_t>& stage_to_rank, int32_t num_m
   return out;
 }
 
+py::dict run_program_py(const std::vector<int32_t>& stage_to_rank, int32_t num_mb,
+                        const std::vector<std::vector<int32_t>>& ranks, bool strict,
+                        std::vector<double> cost, double comm, std::vector<double> act,
+                        double w_keep) {
+  auto view = make_view(stage_to_rank, num_mb, ranks);
+  ppfast::CostModel costs{std::move(cost), comm, std::move(act), w_keep};
+  ppfast::Result res;
+  {
+    py::gil_scoped_release nogil;
+    res = ppfast::run_program(view, strict ? ppfast::Mode::kStrict : ppfast::Mode::kTimed,
+                              costs);
+  }
+  return result_dict(res);
+}
+
+py::object check_structure_py(const std::vector<int32_t>& stage_to_rank, int32_t num_mb,
+                              const std::vector<std::vector<int32_t>>& ranks) {
+  auto view = make_view(stage_to_rank, num_mb, ranks);
+  ppfast::Fault f;
+  {
+    py::gil_scoped_release nogil;
+    f = ppfast::check_structure(view);
+  }
+  if (f.ok) return py::none();
+  return py::make_tuple(f.rank, f.action, f.label, f.reason);
+}
+
+py::tuple lower_program_py(const std::vector<int32_t>& stage_to_rank, int32_t num_mb,
+                           const std::vector<std::vector<int32_t>>& ranks,
+                           std::vector<double> cost) {
+  auto view = make_view(stage_to_rank, num_mb, ranks);
+  ppfast::CostModel costs{std::move(cost), 0.0, {}, 0.5};
+  ppfast::Result timing;
+  std::vector<std::vector<int32_t>> lowered;
+  {
+    py::gil_scoped_release nogil;
+    lowered = ppfast::lower_program(view, costs, &timing);
+  }
+  return py::make_tuple(lowered, result_dict(timing));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "ppfast native core: program engine (dry run and timing)";
+  m.doc() = "ppfast native core: program checks, lowering, dry run and timing";
   m.def("run_program", &run_program_py, py::arg("stage_to_rank"), py::arg("num_mb"),
         py::arg("ranks"), py::arg("strict"), py::arg("cost"), py::arg("comm"), py::arg("act"),
         py::arg("w_keep"),
         "Walk a program: strict=True is the validator's dry run (blocking receives, rendezvous "
         "sends, coalesced groups); strict=False times it with the given costs.");
+  m.def("check_structure", &check_structure_py, py::arg("stage_to_rank"), py::arg("num_mb"),
+        py::arg("ranks"),
+        "None if the program is well formed, else (rank, action index, label, reason).");
+  m.def("lower_program", &lower_program_py, py::arg("stage_to_rank"), py::arg("num_mb"),
+        py::arg("ranks"), py::arg("cost"),
+        "Insert SEND/RECV; returns (per-rank [kind, stage, mb, source] lists, timing).");
 }

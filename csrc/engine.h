@@ -92,6 +92,29 @@ struct Result {
 
 Result run_program(const ProgramView& program, Mode mode, const CostModel& costs);
 
+// The first structural fault of a program, if any.
+struct Fault {
+  bool ok = true;
+  int rank = -1;
+  int action = -1;     // index in the rank's action list, -1 for a missing action
+  std::string label;   // the action concerned, e.g. "1W3"
+  std::string reason;  // what is wrong and what to change
+};
+
+// Every (stage, mb) has one F and either one B or one I and one W, in that order on the rank
+// that holds the stage; every action's stage lives on its rank; and, once the program holds
+// communication, every cross-rank hand-off has exactly one send and one receive.
+Fault check_structure(const ProgramView& program);
+
+// Lowering: per rank, the new action list as [kind, stage, mb, source] quadruples, where
+// source is the index of the original (compute) action, or -1 for an inserted SEND/RECV.
+// Sends follow the compute that produces them; a receive goes before the first action of its
+// rank that starts, in a step timed with `costs` (comm ignored), no earlier than its producer
+// ends. Comm ops between two compute actions are sorted by one global key, so two peers post
+// their shared messages in the same order. Requires a compute-only program that finishes.
+std::vector<std::vector<int32_t>> lower_program(const ProgramView& program,
+                                                const CostModel& costs, Result* timing);
+
 // Human-readable name of a part ("2RECV_F3").
 std::string part_name(const Part& p);
 

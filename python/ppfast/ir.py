@@ -5,11 +5,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import NamedTuple
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     """What an action does; the value is its text form (torch.distributed.pipelining's)."""
 
     F = "F"
@@ -21,9 +21,6 @@ class Kind(str, Enum):
     SEND_B = "SEND_B"
     RECV_B = "RECV_B"
     OVERLAP_F_B = "OVERLAP_F_B"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 COMPUTE_KINDS = frozenset({Kind.F, Kind.I, Kind.W, Kind.B, Kind.OVERLAP_F_B})

@@ -107,10 +107,7 @@ def from_pipeline_order(
 
     Only the text form of torch's actions is used, so this needs no torch import.
     """
-    if isinstance(order, Mapping):
-        rows_src = [order[r] for r in sorted(order)]
-    else:
-        rows_src = list(order)
+    rows_src = [order[r] for r in sorted(order)] if isinstance(order, Mapping) else list(order)
     rows = [["" if a is None else str(a) for a in row] for row in rows_src]
     return _cells_to_program(rows, naming, stage_to_rank, name)
 

@@ -1,0 +1,53 @@
+"""Lowers a compute-only program: inserts every SEND and RECV a rank needs.
+
+Sends go right after the compute that produces their tensor. A receive goes in front of the
+first action of its rank that starts (in a simulated step) no earlier than its tensor's producer
+ends: everything before it started earlier, so it cannot depend on that tensor, and a rank
+blocked on the receive waits only for work that needs nothing from what comes after it.
+Comm ops between two compute actions are ordered by one global key (producer end time, then
+stage, direction, microbatch), so two peers always post their shared messages in the same
+order. The work is done natively (csrc/structure.cpp); this module rebuilds the actions.
+"""
+
+from __future__ import annotations
+
+from . import _engine
+from .ir import Action, Program
+from .simulator import Costs
+
+_MIN_COST = 1e-3
+
+
+def lower(program: Program, costs: Costs | None = None) -> Program:
+    """Return ``program`` with SEND/RECV actions inserted (unchanged if already lowered).
+
+    ``costs`` only shapes where receives go (as early as the data can exist); any positive
+    costs give a program that passes the dry run. Defaults to unit costs.
+    """
+    if program.is_lowered:
+        return program
+    from .validate import ProgramError, describe_stuck
+
+    # zero-length actions would tie with their producers and blur "started before"
+    table = [max(c, _MIN_COST) for c in (costs or Costs()).table(program.num_stages, program.v)]
+    rows, timing = _engine.lower(program, table)
+    if timing["error"]:
+        raise ProgramError(timing["error"], timing["error_rank"], None)
+    if not timing["finished"]:
+        raise describe_stuck(program, timing["stuck"], strict=False)
+    kinds = _engine.CODE_KIND
+    ranks = []
+    for acts, flat in zip(program.ranks, rows, strict=True):
+        out: list[Action] = []
+        last = -1
+        for j in range(0, len(flat), 4):
+            src = flat[j + 3]
+            if src < 0:
+                out.append(Action(flat[j + 1], kinds[flat[j]], flat[j + 2]))
+            elif src != last:
+                out.append(acts[src])
+                last = src
+        ranks.append(out)
+    lowered = Program(ranks, program.stage_to_rank, program.num_microbatches, program.name)
+    lowered.meta = dict(program.meta)
+    return lowered

@@ -1,0 +1,118 @@
+"""Rejects programs that would fail or hang, naming the first rank, action and reason."""
+
+from __future__ import annotations
+
+from . import _engine
+from .ir import Program, format_action
+
+
+class ProgramError(ValueError):
+    """A program that cannot run as written; ``rank`` and ``action`` say where."""
+
+    def __init__(self, message: str, rank: int | None = None, action: str | None = None):
+        super().__init__(message)
+        self.rank = rank
+        self.action = action
+
+
+def _fail(rank: int, action: str, reason: str) -> ProgramError:
+    return ProgramError(f"rank {rank}, action {action}: {reason}", rank, action)
+
+
+def check_structure(program: Program, encoded: list[list[int]] | None = None) -> None:
+    """Every (stage, mb) has one F and one B or one I then one W, in order on its rank; every
+    action sits on the rank of its stage; and (when lowered) every cross-rank hand-off has its
+    send and its receive, once each. Raises ProgramError on the first fault."""
+    fault = _engine.check_structure(program, encoded)
+    if fault is not None:
+        rank, _, label, reason = fault
+        raise _fail(rank, label, reason)
+
+
+_WAIT_TEXT = {
+    _engine.WAIT_FORWARD_DONE: "needs the forward {s}F{mb}",
+    _engine.WAIT_GRAD_DONE: "needs the input gradient from {s}I{mb}/{s}B{mb}",
+    _engine.WAIT_RECV_F_POSTED: "its send waits for rank {peer} to post {s}RECV_F{mb}",
+    _engine.WAIT_SEND_F_POSTED: "its receive waits for rank {peer} to post {s}SEND_F{mb}",
+    _engine.WAIT_RECV_B_POSTED: "its send waits for rank {peer} to post {s}RECV_B{mb}",
+    _engine.WAIT_SEND_B_POSTED: "its receive waits for rank {peer} to post {s}SEND_B{mb}",
+    _engine.WAIT_RECV_F_DONE: (
+        "needs {s}RECV_F{mb} first, and this rank posts it only later or never"
+    ),
+    _engine.WAIT_RECV_B_DONE: (
+        "needs {s}RECV_B{mb} first, and this rank posts it only later or never"
+    ),
+}
+
+
+def describe_stuck(program: Program, stuck: list, strict: bool) -> ProgramError:
+    """Turn the engine's stuck ranks into an error about the first of them."""
+    by_rank = {w.rank: w for w in stuck}
+    w = stuck[0]
+    action = program.ranks[w.rank][w.action]
+    what = _WAIT_TEXT[w.what].format(s=w.stage, mb=w.mb, peer=w.peer)
+    if w.what in (_engine.WAIT_FORWARD_DONE, _engine.WAIT_GRAD_DONE):
+        if w.peer == w.rank:
+            what += ", which this rank runs only later or never"
+        else:
+            what += f" on rank {w.peer}"
+    if w.peer != w.rank:
+        other = by_rank.get(w.peer)
+        if other is not None:
+            what += (
+                f"; rank {w.peer} is itself stuck at "
+                f"{format_action(program.ranks[other.rank][other.action])} (#{other.action})"
+            )
+        else:
+            what += f"; rank {w.peer} finishes without it"
+    mode = "dry run (blocking receives, rendezvous sends)" if strict else "dependency walk"
+    return _fail(
+        w.rank,
+        f"{format_action(action)} (#{w.action})",
+        f"waits forever in the {mode}: it {what}",
+    )
+
+
+def validate(program: Program, *, lower: bool = True) -> Program:
+    """Check ``program`` before anything is sent; raise ProgramError naming rank, action, reason.
+
+    A compute-only program is checked, then (with ``lower``) lowered and dry-run as well.
+    Returns the lowered program that passed the dry run (or ``program`` itself when it was
+    already lowered, or when ``lower`` is False).
+    """
+    check_structure(program)
+    if not program.is_lowered:
+        res = _engine.run(program, strict=False)
+        if res["error"]:
+            raise ProgramError(res["error"], res["error_rank"], None)
+        if not res["finished"]:
+            raise describe_stuck(program, res["stuck"], strict=False)
+        if not lower:
+            return program
+        from .lowering import lower as do_lower
+
+        program = do_lower(program)
+        check_structure(program)
+    dry_run(program)
+    return program
+
+
+def dry_run(program: Program) -> None:
+    """Run a lowered program with blocking receives and rendezvous sends; raise if it hangs."""
+    res = _engine.run(program, strict=True)
+    if res["error"]:
+        k = res["error_action"]
+        r = res["error_rank"]
+        raise ProgramError(
+            res["error"], r, format_action(program.ranks[r][k]) if k >= 0 and r >= 0 else None
+        )
+    if not res["finished"]:
+        raise describe_stuck(program, res["stuck"], strict=True)
+
+
+def is_valid(program: Program) -> bool:
+    try:
+        validate(program)
+    except ProgramError:
+        return False
+    return True
