@@ -104,7 +104,8 @@ class Walker {
   }
 
   bool fail(int r, const Part& part, const std::string& why) {
-    res_.error = "rank " + std::to_string(r) + ": " + part_name(part) + ": " + why;
+    res_.error = "rank " + std::to_string(r) + ", action " + part_name(part) + " (#" +
+                 std::to_string(part.action) + "): " + why;
     res_.error_rank = r;
     res_.error_action = part.action;
     return false;

@@ -26,13 +26,13 @@ def lower(program: Program, costs: Costs | None = None) -> Program:
     """
     if program.is_lowered:
         return program
-    from .validate import ProgramError, describe_stuck
+    from .validate import describe_stuck, engine_error
 
     # zero-length actions would tie with their producers and blur "started before"
     table = [max(c, _MIN_COST) for c in (costs or Costs()).table(program.num_stages, program.v)]
     rows, timing = _engine.lower(program, table)
     if timing["error"]:
-        raise ProgramError(timing["error"], timing["error_rank"], None)
+        raise engine_error(program, timing)
     if not timing["finished"]:
         raise describe_stuck(program, timing["stuck"], strict=False)
     kinds = _engine.CODE_KIND

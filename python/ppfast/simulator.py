@@ -130,7 +130,7 @@ def simulate(
     Memory: F adds the stage's activations, I frees all but ``w_keep`` of them (what W still
     needs), W frees the rest, B frees all.
     """
-    from .validate import ProgramError, describe_stuck
+    from .validate import describe_stuck, engine_error
 
     costs = costs or Costs()
     if not 0.0 <= w_keep <= 1.0:
@@ -144,7 +144,7 @@ def simulate(
         w_keep=w_keep,
     )
     if res["error"]:
-        raise ProgramError(res["error"], res["error_rank"], None)
+        raise engine_error(program, res)
     if not res["finished"]:
         raise describe_stuck(program, res["stuck"], strict=False)
     makespan = max((max(e) if e else 0.0) for e in res["end"])
