@@ -7,9 +7,10 @@ backward into I and W, and what it needs of m and v. Names are matched without r
 case, '-', '_' or a leading 'Schedule', so torch's class names (``Interleaved1F1B``,
 ``ScheduleZBVZeroBubble``, ...) work too.
 
-A schedule that needs more than (p, m, v), such as one searched from measured costs, takes
-its extra inputs as keyword options: ``generate("auto", p, m, costs=..., mem_cap=...)``
-passes them on to its builder; the fixed schedules accept none.
+A schedule that needs more than (p, m, v), such as one searched from measured costs, lists
+the keyword options its builder takes in ``ScheduleSpec.options``; ``generate`` passes them
+on (``generate("auto", p, m, costs=..., mem_cap=...)`` once such an entry is registered) and
+refuses options a schedule does not take. The fixed schedules take none.
 """
 
 from __future__ import annotations
