@@ -39,7 +39,9 @@ def ext_modules():
         ) from e
     debug = os.environ.get("PPFAST_DEBUG", "0") == "1"
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++17", "-Wall"]
+    # No -std here: torch adds the standard its headers need (C++20 for torch 2.13) only when
+    # none is given. The core's own C++17 is held by CMakeLists.txt.
+    cxx += ["-Wall"]
     sources = core_sources() + ["csrc/bindings.cpp"]
     kwargs = {"include_dirs": [str(ROOT / "csrc")]}
     if want_cuda():
