@@ -69,6 +69,8 @@ def list_schedule(
             and (s == n_stages - 1 or g_done[s + 1][next_i[s]] + hand_off(s + 1, s) <= now)
         ]
         if grads:
+            # lowest stage first: on the V placement it came out up to half a unit faster than
+            # deepest-first in simulation (p = 3, 4); with one stage per rank there is no choice
             s, i = min(grads)
             return Kind.I, s, i
         fwds = [
