@@ -75,18 +75,39 @@ py::object check_structure_py(const std::vector<int32_t>& stage_to_rank, int32_t
   return py::make_tuple(f.rank, f.action, f.label, f.reason);
 }
 
+// Returns (encoded, sources, comms, timing): per rank the lowered program's engine encoding
+// [kind, stage, mb, action], the original index of each new action (-1 for an inserted
+// SEND/RECV), and [kind, stage, mb] of each inserted SEND/RECV in order. Splitting it here
+// lets Python rebuild the actions without walking every part itself.
 py::tuple lower_program_py(const std::vector<int32_t>& stage_to_rank, int32_t num_mb,
                            const std::vector<std::vector<int32_t>>& ranks,
                            std::vector<double> cost) {
   auto view = make_view(stage_to_rank, num_mb, ranks);
   ppfast::CostModel costs{std::move(cost), 0.0, {}, 0.5};
   ppfast::Result timing;
-  std::vector<std::vector<int32_t>> lowered;
+  std::vector<std::vector<int32_t>> enc, src, comm;
   {
     py::gil_scoped_release nogil;
-    lowered = ppfast::lower_program(view, costs, &timing);
+    auto rows = ppfast::lower_program(view, costs, &timing);
+    enc.resize(rows.size());
+    src.resize(rows.size());
+    comm.resize(rows.size());
+    for (size_t r = 0; r < rows.size(); ++r) {
+      const auto& q = rows[r];
+      int32_t last = -1, index = -1;
+      for (size_t j = 0; j < q.size(); j += 4) {
+        const int32_t source = q[j + 3];
+        if (source < 0 || source != last) {
+          ++index;
+          src[r].push_back(source);
+          if (source < 0) comm[r].insert(comm[r].end(), {q[j], q[j + 1], q[j + 2]});
+        }
+        last = source;
+        enc[r].insert(enc[r].end(), {q[j], q[j + 1], q[j + 2], index});
+      }
+    }
   }
-  return py::make_tuple(lowered, result_dict(timing));
+  return py::make_tuple(enc, src, comm, result_dict(timing));
 }
 
 }  // namespace
@@ -103,5 +124,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "None if the program is well formed, else (rank, action index, label, reason).");
   m.def("lower_program", &lower_program_py, py::arg("stage_to_rank"), py::arg("num_mb"),
         py::arg("ranks"), py::arg("cost"),
-        "Insert SEND/RECV; returns (per-rank [kind, stage, mb, source] lists, timing).");
+        "Insert SEND/RECV; returns (encoded, sources, comms, timing), each per rank.");
 }

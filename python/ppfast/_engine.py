@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ._native import C
-from .ir import Kind, Program
+from .ir import Kind, Program, gc_paused
 
 # Must match enum Kind in csrc/engine.h.
 KIND_CODE = {
@@ -48,19 +48,21 @@ class Stuck:
 
 def encode(program: Program) -> list[list[int]]:
     """Per rank a flat [kind, stage, mb, action_index, ...] list (compound parts share an index)."""
+    with gc_paused():
+        return [_encode_rank(acts) for acts in program.ranks]
+
+
+def _encode_rank(acts) -> list[int]:
     kc = KIND_CODE
-    out = []
-    for acts in program.ranks:
-        flat: list[int] = []
-        ext = flat.extend
-        for idx, a in enumerate(acts):
-            if a.sub is None:
-                ext((kc[a.kind], a.stage, a.mb, idx))
-            else:
-                for x in a.sub:
-                    ext((kc[x.kind], x.stage, x.mb, idx))
-        out.append(flat)
-    return out
+    flat: list[int] = []
+    ext = flat.extend
+    for idx, a in enumerate(acts):
+        if a.sub is None:
+            ext((kc[a.kind], a.stage, a.mb, idx))
+        else:
+            for x in a.sub:
+                ext((kc[x.kind], x.stage, x.mb, idx))
+    return flat
 
 
 def run(
@@ -97,10 +99,15 @@ def check_structure(program: Program, encoded: list[list[int]] | None = None):
     )
 
 
-def lower(program: Program, cost: Sequence[float]) -> tuple[list[list[int]], dict]:
-    """Native lowering: per rank [kind, stage, mb, source, ...] and the timing it used."""
-    rows, timing = C.lower_program(
-        list(program.stage_to_rank), program.num_microbatches, encode(program), list(cost)
+def lower(
+    program: Program, cost: Sequence[float], encoded: list[list[int]] | None = None
+) -> tuple[list[list[int]], list[list[int]], list[list[int]], dict]:
+    """Native lowering: (encoded, sources, comms, timing); see csrc/bindings.cpp."""
+    enc, src, comm, timing = C.lower_program(
+        list(program.stage_to_rank),
+        program.num_microbatches,
+        encoded if encoded is not None else encode(program),
+        list(cost),
     )
     timing["stuck"] = [Stuck(*t) for t in timing["stuck"]]
-    return rows, timing
+    return enc, src, comm, timing

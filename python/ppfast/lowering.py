@@ -12,7 +12,7 @@ order. The work is done natively (csrc/structure.cpp); this module rebuilds the 
 from __future__ import annotations
 
 from . import _engine
-from .ir import Action, Program
+from .ir import Action, Program, gc_paused
 from .simulator import Costs
 
 _MIN_COST = 1e-3
@@ -24,30 +24,33 @@ def lower(program: Program, costs: Costs | None = None) -> Program:
     ``costs`` only shapes where receives go (as early as the data can exist); any positive
     costs give a program that passes the dry run. Defaults to unit costs.
     """
+    return lower_encoded(program, costs)[0]
+
+
+def lower_encoded(
+    program: Program, costs: Costs | None = None, encoded: list[list[int]] | None = None
+) -> tuple[Program, list[list[int]] | None]:
+    """:func:`lower`, also returning the lowered program's engine encoding (None when the
+    program was already lowered), so that checks after lowering need not encode it again."""
     if program.is_lowered:
-        return program
+        return program, None
     from .validate import describe_stuck, engine_error
 
     # zero-length actions would tie with their producers and blur "started before"
     table = [max(c, _MIN_COST) for c in (costs or Costs()).table(program.num_stages, program.v)]
-    rows, timing = _engine.lower(program, table)
+    encs, sources, comms, timing = _engine.lower(program, table, encoded)
     if timing["error"]:
         raise engine_error(program, timing)
     if not timing["finished"]:
         raise describe_stuck(program, timing["stuck"], strict=False)
     kinds = _engine.CODE_KIND
+    make = tuple.__new__
     ranks = []
-    for acts, flat in zip(program.ranks, rows, strict=True):
-        out: list[Action] = []
-        last = -1
-        for j in range(0, len(flat), 4):
-            src = flat[j + 3]
-            if src < 0:
-                out.append(Action(flat[j + 1], kinds[flat[j]], flat[j + 2]))
-            elif src != last:
-                out.append(acts[src])
-                last = src
-        ranks.append(out)
+    with gc_paused():
+        for acts, src, c in zip(program.ranks, sources, comms, strict=True):
+            triples = zip(c[::3], c[1::3], c[2::3], strict=True)
+            new = iter([make(Action, (s, kinds[k], mb, None)) for k, s, mb in triples])
+            ranks.append([acts[x] if x >= 0 else next(new) for x in src])
     lowered = Program(ranks, program.stage_to_rank, program.num_microbatches, program.name)
     lowered.meta = dict(program.meta)
-    return lowered
+    return lowered, encs

@@ -94,26 +94,28 @@ def validate(program: Program, *, lower: bool = True) -> Program:
     Returns the lowered program that passed the dry run (or ``program`` itself when it was
     already lowered, or when ``lower`` is False).
     """
-    check_structure(program)
-    if not program.is_lowered:
-        res = _engine.run(program, strict=False)
-        if res["error"]:
-            raise engine_error(program, res)
-        if not res["finished"]:
-            raise describe_stuck(program, res["stuck"], strict=False)
-        if not lower:
-            return program
-        from .lowering import lower as do_lower
+    from .lowering import lower_encoded
 
-        program = do_lower(program)
-        check_structure(program)
-    dry_run(program)
+    encoded = _engine.encode(program)
+    check_structure(program, encoded)
+    if not program.is_lowered:
+        if not lower:
+            res = _engine.run(program, strict=False, encoded=encoded)
+            if res["error"]:
+                raise engine_error(program, res)
+            if not res["finished"]:
+                raise describe_stuck(program, res["stuck"], strict=False)
+            return program
+        # lowering walks the compute-only program first and reports where it would hang
+        program, encoded = lower_encoded(program, encoded=encoded)
+        check_structure(program, encoded)
+    dry_run(program, encoded)
     return program
 
 
-def dry_run(program: Program) -> None:
+def dry_run(program: Program, encoded: list[list[int]] | None = None) -> None:
     """Run a lowered program with blocking receives and rendezvous sends; raise if it hangs."""
-    res = _engine.run(program, strict=True)
+    res = _engine.run(program, strict=True, encoded=encoded)
     if res["error"]:
         raise engine_error(program, res)
     if not res["finished"]:
