@@ -38,39 +38,39 @@ struct Failure : std::runtime_error {
 
 }  // namespace ppfast_test
 
-#define TEST(name)                                                        \
-  static void name();                                                     \
-  static const ::ppfast_test::Register name##_registered(#name, &name);   \
+#define TEST(name)                                                                                 \
+  static void name();                                                                              \
+  static const ::ppfast_test::Register name##_registered(#name, &name);                            \
   static void name()
 
 // REQUIRE(cond, msg): msg is anything that can be streamed, e.g. "rank " << r.
-#define REQUIRE(cond, msg)                                                      \
-  do {                                                                        \
-    if (!(cond)) {                                                            \
-      std::ostringstream os_;                                                 \
-      os_ << "REQUIRE(" #cond ") failed: " << msg;                             \
-      ::ppfast_test::fail(__FILE__, __LINE__, os_.str());                     \
-    }                                                                         \
+#define REQUIRE(cond, msg)                                                                         \
+  do {                                                                                             \
+    if (!(cond)) {                                                                                 \
+      std::ostringstream os_;                                                                      \
+      os_ << "REQUIRE(" #cond ") failed: " << msg;                                                 \
+      ::ppfast_test::fail(__FILE__, __LINE__, os_.str());                                          \
+    }                                                                                              \
   } while (0)
 
-#define REQUIRE_EQ(a, b, msg)                                                     \
-  do {                                                                          \
-    const auto& a_ = (a);                                                       \
-    const auto& b_ = (b);                                                       \
-    if (!(a_ == b_)) {                                                          \
-      std::ostringstream os_;                                                   \
-      os_ << #a " == " #b " failed: " << a_ << " != " << b_ << " (" << msg << ")"; \
-      ::ppfast_test::fail(__FILE__, __LINE__, os_.str());                       \
-    }                                                                           \
+#define REQUIRE_EQ(a, b, msg)                                                                      \
+  do {                                                                                             \
+    const auto& a_ = (a);                                                                          \
+    const auto& b_ = (b);                                                                          \
+    if (!(a_ == b_)) {                                                                             \
+      std::ostringstream os_;                                                                      \
+      os_ << #a " == " #b " failed: " << a_ << " != " << b_ << " (" << msg << ")";                 \
+      ::ppfast_test::fail(__FILE__, __LINE__, os_.str());                                          \
+    }                                                                                              \
   } while (0)
 
-#define REQUIRE_NEAR(a, b, tol, msg)                                                  \
-  do {                                                                              \
-    const double a_ = (a);                                                          \
-    const double b_ = (b);                                                          \
-    if (!(std::fabs(a_ - b_) <= (tol))) {                                           \
-      std::ostringstream os_;                                                       \
-      os_ << #a " ~= " #b " failed: " << a_ << " vs " << b_ << " (" << msg << ")"; \
-      ::ppfast_test::fail(__FILE__, __LINE__, os_.str());                           \
-    }                                                                               \
+#define REQUIRE_NEAR(a, b, tol, msg)                                                               \
+  do {                                                                                             \
+    const double a_ = (a);                                                                         \
+    const double b_ = (b);                                                                         \
+    if (!(std::fabs(a_ - b_) <= (tol))) {                                                          \
+      std::ostringstream os_;                                                                      \
+      os_ << #a " ~= " #b " failed: " << a_ << " vs " << b_ << " (" << msg << ")";                 \
+      ::ppfast_test::fail(__FILE__, __LINE__, os_.str());                                          \
+    }                                                                                              \
   } while (0)
