@@ -154,8 +154,8 @@ def _check_complete(prog: Program) -> None:
 def _all_on(p: int, m: int):
     for name in schedule_names():
         spec = SCHEDULES[name]
-        if m < spec.min_m(p):
-            continue
+        if m < spec.min_m(p) or spec.options:
+            continue  # searched schedules (auto) have their own tests
         for v in [2, 3] if spec.v_free else [None]:
             yield name, v
 
@@ -317,6 +317,7 @@ def test_schedule_names_and_specs():
         "zb-h2",
         "zb-v",
         "dualpipev",
+        "auto",
     ]
     table = {
         n: (s.placement, s.default_v, s.v_free, s.split_backward, s.min_m(4))
@@ -331,6 +332,7 @@ def test_schedule_names_and_specs():
         "zb-h2": ("loop", 1, False, True, 1),
         "zb-v": ("v", 2, False, True, 1),
         "dualpipev": ("v", 2, False, True, 8),
+        "auto": ("searched", 2, True, True, 1),
     }
 
 

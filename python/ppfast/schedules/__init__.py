@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from ..ir import Program
+from ..ir import Program, gc_paused
 from ._args import check_p
 from .classic import gpipe, interleaved_1f1b, one_f_one_b
 from .dualpipe import dualpipe_v
@@ -92,6 +92,13 @@ def _with_v(fn: Callable[[int, int, int], Program]) -> Callable[..., Program]:
     return build
 
 
+def _auto(p: int, m: int, v: int, **options: object) -> Program:
+    # imported when called: auto times its candidates with the simulator
+    from .auto import auto
+
+    return auto(p, m, v, **options)
+
+
 def _v_alternative(spec: ScheduleSpec) -> str:
     if spec.split_backward:
         return "'interleaved-zb' for several stages per rank"
@@ -138,6 +145,11 @@ _SPECS = (
         "dualpipev", _fixed(dualpipe_v), "v", 2, False, True, lambda p: 2 * p, "2p",
         "DeepSeek's DualPipeV: overlapped F and B of the two chunks", ("DualPipeV",),
     ),
+    ScheduleSpec(
+        "auto", _auto, "searched", 2, True, True, lambda p: 1, "1",
+        "fastest program found for given F,I,W,comm costs under a memory cap (default p)",
+        options=("costs", "mem_cap"),
+    ),
 )  # fmt: skip
 
 SCHEDULES: Mapping[str, ScheduleSpec] = MappingProxyType({s.name: s for s in _SPECS})
@@ -171,4 +183,5 @@ def generate(name: str, p: int, m: int, v: int | None = None, **options: object)
         takes = f"it takes {list(spec.options)}" if spec.options else "it takes none"
         raise ValueError(f"schedule {spec.name} got unknown options {unknown}; {takes}")
     check_p(spec.name, p)
-    return spec.build(p, m, spec.resolve_v(v), **options)
+    with gc_paused():
+        return spec.build(p, m, spec.resolve_v(v), **options)
