@@ -75,3 +75,16 @@ def test_a_program_that_cannot_finish_is_an_error_naming_rank_and_action():
     with pytest.raises(ProgramError, match=r"rank 0, action 0B1 \(#1\)") as e:
         simulate(prog)
     assert e.value.rank == 0
+
+
+@pytest.mark.parametrize("p", [2, 3, 4, 8])
+def test_zb_h2_has_no_idle_inside_any_rank_span_and_zb_h1_does(p):
+    from ppfast.schedules import generate
+
+    m = 2 * p
+    h2 = simulate(generate("zb-h2", p, m))
+    assert h2.span_bubble_per_rank() == pytest.approx([0.0] * p)
+    h1 = simulate(generate("zb-h1", p, m))
+    assert max(h1.span_bubble_per_rank()) > 0
+    # the step bubble of both is the v = 1 floor: p - 1 passes of fill
+    assert h2.makespan == h1.makespan == 3 * m + p - 1

@@ -63,6 +63,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         out.update(sim.summary())
         out["schedule"] = program.name or "imported"
         out["valid"] = True
+        if "chosen" in program.meta:
+            out["chosen"] = program.meta["chosen"]
         out["num_actions"] = program.num_actions()
         out["num_actions_lowered"] = lowered.num_actions()
         if args.mem_cap is not None:

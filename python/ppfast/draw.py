@@ -36,7 +36,7 @@ def spans_from(timeline: Iterable[tuple[int, Action, float, float]]) -> list[Spa
 
 def _label(a: Action) -> str:
     if a.sub is not None:
-        return "/".join(f"{x.kind.value}{x.mb}" for x in a.sub)
+        return "/".join(str(x.mb) for x in a.sub)
     return str(a.mb)
 
 

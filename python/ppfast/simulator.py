@@ -79,6 +79,22 @@ class Simulation:
     bubble_per_rank: list[float] = field(default_factory=list)
     bubble: float = 0.0
 
+    def span_bubble_per_rank(self) -> list[float]:
+        """Idle share of each rank's own span (its first action's start to its last's end).
+
+        The step bubble counts the fill and drain every rank waits through; this counts only
+        the gaps between a rank's actions. Where it is 0 (ZB-H2) the fill of one step can
+        overlap the drain of the previous one, if nothing synchronises the ranks in between.
+        """
+        out = []
+        for r, acts in enumerate(self.program.ranks):
+            times = [
+                (self.start[r][k], self.end[r][k]) for k, a in enumerate(acts) if a.is_compute
+            ]
+            span = max(e for _, e in times) - min(s for s, _ in times) if times else 0.0
+            out.append(1.0 - self.busy[r] / span if span > 0 else 0.0)
+        return out
+
     def timeline(self) -> list[tuple[int, Action, float, float]]:
         """Compute actions as (rank, action, start, end), in rank then program order."""
         return [
@@ -105,6 +121,7 @@ class Simulation:
             "makespan": self.makespan,
             "bubble": self.bubble,
             "bubble_per_rank": self.bubble_per_rank,
+            "span_bubble_per_rank": self.span_bubble_per_rank(),
             "busy_per_rank": self.busy,
             "peak_activations": self.peak_activations,
         }
