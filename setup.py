@@ -42,7 +42,9 @@ def ext_modules():
     # No -std here: torch adds the standard its headers need (C++20 for torch 2.13) only when
     # none is given. The core's own C++17 is held by CMakeLists.txt.
     cxx += ["-Wall"]
-    sources = core_sources() + ["csrc/bindings.cpp"]
+    # the runtime (executor, transports) needs torch's headers; the core does not
+    runtime = sorted(f"csrc/runtime/{p.name}" for p in (ROOT / "csrc" / "runtime").glob("*.cpp"))
+    sources = core_sources() + runtime + ["csrc/bindings.cpp"]
     kwargs = {"include_dirs": [str(ROOT / "csrc")]}
     if want_cuda():
         cuda_dir = ROOT / "csrc" / "cuda"

@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "engine.h"
+#include "runtime/bindings_runtime.h"
 
 namespace py = pybind11;
 
@@ -125,4 +126,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lower_program", &lower_program_py, py::arg("stage_to_rank"), py::arg("num_mb"),
         py::arg("ranks"), py::arg("cost"),
         "Insert SEND/RECV; returns (encoded, sources, comms, timing), each per rank.");
+  ppfast::register_runtime(m);
 }

@@ -1,19 +1,61 @@
 """ppfast: a pipeline-parallel training runtime for PyTorch."""
 
 from ._native import C as _C  # noqa: F401  (raises with build instructions when missing)
+from .errors import PipelineCommError
 from .ir import Action, Kind, Program, loop_placement, parse_action, v_placement
+from .lowering import lower
+from .pipe import Pipe
+from .pipeline import (
+    PipelineSchedule,
+    Schedule1F1B,
+    ScheduleAuto,
+    ScheduleDualPipeV,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+    ScheduleZBH1,
+    ScheduleZBH2,
+    ScheduleZBVZeroBubble,
+)
+from .runtime import RankRunner, StepMetrics
+from .schedules import generate, schedule_names
+from .simulator import Costs, simulate
+from .stage import PipelineStage
 from .torch_format import from_pipeline_order, read_csv, to_pipeline_order, write_csv
+from .validate import ProgramError, validate
 
 __all__ = [
     "Action",
+    "Costs",
     "Kind",
+    "Pipe",
+    "PipelineCommError",
+    "PipelineSchedule",
+    "PipelineStage",
     "Program",
+    "ProgramError",
+    "RankRunner",
+    "Schedule1F1B",
+    "ScheduleAuto",
+    "ScheduleDualPipeV",
+    "ScheduleGPipe",
+    "ScheduleInterleaved1F1B",
+    "ScheduleInterleavedZeroBubble",
+    "ScheduleZBH1",
+    "ScheduleZBH2",
+    "ScheduleZBVZeroBubble",
+    "StepMetrics",
     "from_pipeline_order",
+    "generate",
     "loop_placement",
+    "lower",
     "parse_action",
     "read_csv",
+    "schedule_names",
+    "simulate",
     "to_pipeline_order",
     "v_placement",
+    "validate",
     "write_csv",
 ]
 __version__ = "0.1.0"

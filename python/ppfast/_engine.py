@@ -49,10 +49,11 @@ class Stuck:
 def encode(program: Program) -> list[list[int]]:
     """Per rank a flat [kind, stage, mb, action_index, ...] list (compound parts share an index)."""
     with gc_paused():
-        return [_encode_rank(acts) for acts in program.ranks]
+        return [encode_rank(acts) for acts in program.ranks]
 
 
-def _encode_rank(acts) -> list[int]:
+def encode_rank(acts) -> list[int]:
+    """One rank's actions as [kind, stage, mb, action_index, ...]."""
     kc = KIND_CODE
     flat: list[int] = []
     ext = flat.extend

@@ -73,7 +73,7 @@ def describe_stuck(program: Program, stuck: list, strict: bool) -> ProgramError:
             what += f"; rank {w.peer} is itself stuck at {label(other)}"
         else:
             what += f"; rank {w.peer} finishes without it"
-    waiting = sorted({x.rank for x in stuck} - {w.rank})
+    waiting = sorted({x.rank for x in stuck} - {w.rank, w.peer})
     if waiting:
         what += f" (stuck as well: {', '.join(f'rank {x}' for x in waiting)})"
     mode = "dry run (blocking receives, rendezvous sends)" if strict else "dependency walk"

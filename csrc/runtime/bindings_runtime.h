@@ -1,0 +1,122 @@
+// Python bindings of the runtime: transports, the executor, and the error it raises.
+#pragma once
+
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/extension.h>
+
+#include "runtime/executor.h"
+#include "runtime/transport.h"
+
+namespace ppfast {
+
+// Calls the Python stage object's forward / backward / weight, holding the GIL only for the
+// call itself.
+class PyCompute : public Compute {
+ public:
+  explicit PyCompute(pybind11::object obj) : obj_(std::move(obj)) {
+    pybind11::gil_scoped_acquire gil;
+    forward_ = obj_.attr("forward");
+    backward_ = obj_.attr("backward");
+    weight_ = obj_.attr("weight");
+    if (pybind11::hasattr(obj_, "device")) device_ = obj_.attr("device").cast<at::Device>();
+  }
+  ~PyCompute() override {
+    pybind11::gil_scoped_acquire gil;
+    forward_ = backward_ = weight_ = obj_ = pybind11::object();
+  }
+  std::pair<std::vector<at::Tensor>, bool> forward(int stage, int mb,
+                                                   const std::vector<at::Tensor>* inputs) override {
+    pybind11::gil_scoped_acquire gil;
+    pybind11::object in = inputs ? pybind11::cast(*inputs) : pybind11::none();
+    pybind11::tuple res = forward_(stage, mb, in);
+    return {res[0].cast<std::vector<at::Tensor>>(), res[1].cast<bool>()};
+  }
+  std::vector<at::Tensor> backward(int stage, int mb, const std::vector<at::Tensor>* grads,
+                                   bool full) override {
+    pybind11::gil_scoped_acquire gil;
+    pybind11::object g = grads ? pybind11::cast(*grads) : pybind11::none();
+    return backward_(stage, mb, g, full).cast<std::vector<at::Tensor>>();
+  }
+  void weight(int stage, int mb) override {
+    pybind11::gil_scoped_acquire gil;
+    weight_(stage, mb);
+  }
+  at::Device device() const override { return device_; }
+
+ private:
+  pybind11::object obj_, forward_, backward_, weight_;
+  at::Device device_{at::kCPU};
+};
+
+inline void register_runtime(pybind11::module_& m) {
+  namespace py = pybind11;
+  static py::exception<CommError> comm_error(m, "CommError", PyExc_RuntimeError);
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const CommError& e) {
+      // ppfast.errors.PipelineCommError carries rank, action and peer as attributes
+      py::object cls = py::module_::import("ppfast.errors").attr("PipelineCommError");
+      py::object exc = cls(e.what(), e.rank, e.action, e.peer, e.timed_out);
+      PyErr_SetObject(cls.ptr(), exc.ptr());
+    }
+  });
+
+  py::class_<Transport, std::shared_ptr<Transport>>(m, "Transport")
+      .def_property_readonly("rank", &Transport::rank)
+      .def_property_readonly("size", &Transport::size)
+      .def_property_readonly("name", &Transport::name)
+      .def("abort", &Transport::abort, py::arg("why"));
+  py::class_<C10dTransport, Transport, std::shared_ptr<C10dTransport>>(m, "C10dTransport")
+      .def(py::init([](const c10::intrusive_ptr<c10d::ProcessGroup>& group, const std::string& device) {
+             return std::make_shared<C10dTransport>(group, c10::Device(device).type());
+           }),
+           py::arg("group"), py::arg("device_type"),
+           "Send and receive over a c10d ProcessGroup (its backend for device_type).");
+  py::class_<Hub, std::shared_ptr<Hub>>(m, "Hub")
+      .def(py::init<int>(), py::arg("size"))
+      .def_property_readonly("size", &Hub::size)
+      .def("abort", &Hub::abort, py::arg("rank"), py::arg("why"));
+  py::class_<InProcessTransport, Transport, std::shared_ptr<InProcessTransport>>(
+      m, "InProcessTransport")
+      .def(py::init<std::shared_ptr<Hub>, int>(), py::arg("hub"), py::arg("rank"),
+           "Ranks as threads of this process, meeting at a shared Hub.");
+
+  py::class_<Executor, std::shared_ptr<Executor>>(m, "Executor")
+      .def(py::init([](int rank, std::vector<int32_t> stage_to_rank, int32_t num_mb,
+                       std::vector<int32_t> parts, std::vector<std::string> names,
+                       std::shared_ptr<Transport> transport, py::object compute,
+                       int64_t timeout_ms, bool dynamic_shapes) {
+             ExecutorOptions opt;
+             opt.timeout_ms = timeout_ms;
+             opt.dynamic_shapes = dynamic_shapes;
+             return std::make_shared<Executor>(rank, std::move(stage_to_rank), num_mb,
+                                               std::move(parts), std::move(names),
+                                               std::move(transport),
+                                               std::make_shared<PyCompute>(std::move(compute)), opt);
+           }),
+           py::arg("rank"), py::arg("stage_to_rank"), py::arg("num_mb"), py::arg("parts"),
+           py::arg("names"), py::arg("transport"), py::arg("compute"), py::arg("timeout_ms"),
+           py::arg("dynamic_shapes"))
+      .def(
+          "step",
+          [](Executor& ex) {
+            StepTimes t;
+            {
+              py::gil_scoped_release nogil;
+              t = ex.step();
+            }
+            py::dict out;
+            out["start"] = t.start;
+            out["end"] = t.end;
+            out["comm"] = t.comm;
+            out["wall"] = t.wall;
+            out["epoch"] = t.epoch;
+            return out;
+          },
+          "Run the program once; returns per-action start/end, comm post/complete times, wall.")
+      .def("set_timeout_ms", &Executor::set_timeout_ms)
+      .def_property_readonly("rank", &Executor::rank);
+}
+
+}  // namespace ppfast

@@ -1,0 +1,397 @@
+// The stage executor; see executor.h for what each action does.
+#include "runtime/executor.h"
+
+#include <cmath>
+#include <limits>
+
+#include "engine.h"
+
+namespace ppfast {
+namespace {
+
+constexpr int kMaxTensors = 16;
+constexpr int kMaxDims = 8;
+constexpr int64_t kMetaLen = 2 + kMaxTensors * (2 + kMaxDims);
+constexpr int kFwd = 0, kBwd = 1;
+
+// Frees a tensor's memory but keeps its shape: autograd may still need the tensor as the root
+// of its stage's graph, not its values.
+void release_storage(const at::Tensor& t) {
+  if (!t.defined() || !t.has_storage()) return;
+  c10::StorageImpl* impl = t.storage().unsafeGetStorageImpl();
+  if (!impl->resizable() || impl->allocator() == nullptr) return;
+  impl->set_data_ptr_noswap(impl->allocator()->allocate(0));
+  impl->set_nbytes(0);
+}
+
+}  // namespace
+
+Executor::Executor(int rank, std::vector<int32_t> stage_to_rank, int32_t num_mb,
+                   std::vector<int32_t> parts, std::vector<std::string> names,
+                   std::shared_ptr<Transport> transport, std::shared_ptr<Compute> compute,
+                   ExecutorOptions options)
+    : rank_(rank),
+      stage_to_rank_(std::move(stage_to_rank)),
+      num_stages_(static_cast<int32_t>(stage_to_rank_.size())),
+      num_mb_(num_mb),
+      names_(std::move(names)),
+      transport_(std::move(transport)),
+      compute_(std::move(compute)),
+      options_(options) {
+  if (parts.size() % 4 != 0) throw std::invalid_argument("parts must be [kind, stage, mb, action]*");
+  for (size_t i = 0; i < parts.size(); i += 4) {
+    parts_.push_back(Part{parts[i], parts[i + 1], parts[i + 2], parts[i + 3]});
+  }
+  num_actions_ = parts_.empty() ? 0 : parts_.back().action + 1;
+  if (static_cast<int>(names_.size()) != num_actions_) {
+    throw std::invalid_argument("names must give one text per action");
+  }
+  const double max_tag = 2.0 * num_stages_ * num_mb_ * 2 * kMaxTensors;
+  if (max_tag >= static_cast<double>(std::numeric_limits<int32_t>::max())) {
+    throw std::invalid_argument("too many stages x microbatches to tag every message");
+  }
+  for (const Part& p : parts_) {
+    if (p.kind == kB || p.kind == kW) last_backward_[key(0, p.stage, p.mb)] = p.action;
+    if (p.kind == kI && !last_backward_.count(key(0, p.stage, p.mb)))
+      last_backward_[key(0, p.stage, p.mb)] = p.action;
+  }
+  device_ = compute_->device();
+}
+
+int64_t Executor::tag(int dir, int producer_stage, int mb, int index, bool meta) const {
+  return ((((int64_t(dir) * num_stages_ + producer_stage) * num_mb_ + mb) * 2 + (meta ? 1 : 0)) *
+          kMaxTensors) +
+         index;
+}
+
+double Executor::now() const {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
+}
+
+void Executor::fail(const std::string& why, int action, int peer, bool timed_out) {
+  const std::string label =
+      action >= 0 ? names_[action] + " (#" + std::to_string(action) + ")" : std::string("step");
+  std::string msg = "rank " + std::to_string(rank_) + ", action " + label + ": " + why;
+  if (peer >= 0) msg += " (peer: rank " + std::to_string(peer) + ")";
+  transport_->abort(msg);
+  throw CommError(msg, rank_, label, peer, timed_out);
+}
+
+void Executor::wait_handle(Handle& h, int action, int peer, const std::string& what) {
+  try {
+    h.wait(timeout());
+  } catch (const TransportError& e) {
+    if (e.timed_out) {
+      fail("timed out after " + std::to_string(options_.timeout_ms / 1000.0).substr(0, 6) +
+               " s waiting for " + what,
+           action, peer, true);
+    }
+    fail(what + " failed: " + e.what(), action, peer, false);
+  }
+}
+
+at::Tensor Executor::encode_meta(const std::vector<at::Tensor>& tensors) const {
+  at::Tensor m = at::zeros({kMetaLen}, at::TensorOptions().dtype(at::kLong));
+  int64_t* d = m.data_ptr<int64_t>();
+  if (tensors.size() > static_cast<size_t>(kMaxTensors)) {
+    throw std::invalid_argument("a stage may pass at most 16 tensors to its neighbour");
+  }
+  d[0] = static_cast<int64_t>(tensors.size());
+  int64_t pos = 2;
+  for (const auto& t : tensors) {
+    if (t.dim() > kMaxDims) throw std::invalid_argument("tensors passed between stages may have at most 8 dimensions");
+    d[pos] = static_cast<int64_t>(t.scalar_type());
+    d[pos + 1] = t.dim();
+    for (int64_t k = 0; k < t.dim(); ++k) d[pos + 2 + k] = t.size(k);
+    pos += 2 + kMaxDims;
+  }
+  return m;
+}
+
+Executor::Meta Executor::decode_meta(const at::Tensor& t) const {
+  at::Tensor c = t.to(at::kCPU);
+  const int64_t* d = c.data_ptr<int64_t>();
+  Meta meta;
+  int64_t pos = 2;
+  for (int64_t i = 0; i < d[0]; ++i) {
+    std::vector<int64_t> shape(d + pos + 2, d + pos + 2 + d[pos + 1]);
+    meta.tensors.emplace_back(static_cast<c10::ScalarType>(d[pos]), std::move(shape));
+    pos += 2 + kMaxDims;
+  }
+  return meta;
+}
+
+std::vector<at::Tensor> Executor::allocate(const Meta& meta, int dir, int stage) {
+  auto& free = pool_[{dir, stage}];
+  if (!options_.dynamic_shapes && !free.empty()) {
+    auto out = std::move(free.back());
+    free.pop_back();
+    return out;
+  }
+  std::vector<at::Tensor> out;
+  for (const auto& [dtype, shape] : meta.tensors) {
+    out.push_back(at::empty(shape, at::TensorOptions().dtype(dtype).device(device_)));
+  }
+  return out;
+}
+
+void Executor::post_recv(const Part& p) {
+  const int dir = p.kind == kRecvF ? kFwd : kBwd;
+  const int producer = dir == kFwd ? p.stage - 1 : p.stage + 1;
+  const int peer = stage_to_rank_[producer];
+  Inbox& box = inbox_[key(dir, p.stage, p.mb)];
+  box.peer = peer;
+  box.action = p.action;
+  box.comm_index = comm_.size();
+  comm_.emplace_back(p.action, now(), std::nan(""));
+  if (negotiate_) {
+    box.meta = at::empty({kMetaLen}, at::TensorOptions().dtype(at::kLong).device(device_));
+    box.meta_handle = transport_->recv(box.meta, peer, tag(dir, producer, p.mb, 0, true));
+    return;
+  }
+  box.buffers = allocate(recv_meta_.at({dir, p.stage}), dir, p.stage);
+  for (size_t i = 0; i < box.buffers.size(); ++i) {
+    box.handles.push_back(
+        transport_->recv(box.buffers[i], peer, tag(dir, producer, p.mb, static_cast<int>(i), false)));
+  }
+}
+
+void Executor::post_send(const Part& p) {
+  const int dir = p.kind == kSendF ? kFwd : kBwd;
+  const int consumer = dir == kFwd ? p.stage + 1 : p.stage - 1;
+  const int peer = stage_to_rank_[consumer];
+  auto it = produced_.find(key(dir, p.stage, p.mb));
+  if (it == produced_.end()) {
+    fail("nothing to send: the compute that produces it has not run on this rank", p.action,
+         peer, false);
+  }
+  Outbox box;
+  box.action = p.action;
+  box.peer = peer;
+  box.tensors = std::move(it->second);
+  produced_.erase(it);
+  for (auto& t : box.tensors) {
+    if (!t.is_contiguous()) t = t.contiguous();
+  }
+  if (dir == kFwd) {
+    auto r = release_after_send_.find(key(dir, p.stage, p.mb));
+    box.release_storage = r != release_after_send_.end() && r->second;
+  }
+  box.comm_index = comm_.size();
+  comm_.emplace_back(p.action, now(), std::nan(""));
+  Meta mine;
+  for (const auto& t : box.tensors) mine.tensors.emplace_back(t.scalar_type(), t.sizes().vec());
+  auto agreed = send_meta_.find({dir, p.stage});
+  if (agreed != send_meta_.end() && !(agreed->second == mine) && !options_.dynamic_shapes) {
+    auto describe = [](const Meta& m) {
+      std::string s = "[";
+      for (const auto& [dt, shape] : m.tensors) s += std::string(c10::toString(dt)) + c10::str(shape) + " ";
+      return s + "]";
+    };
+    fail("stage " + std::to_string(p.stage) + " now produces " + describe(mine) +
+             " where earlier microbatches or steps produced " + describe(agreed->second) +
+             "; pass dynamic_shapes=True to the stage for shapes that change",
+         p.action, peer, false);
+  }
+  if (!options_.dynamic_shapes) send_meta_[{dir, p.stage}] = mine;
+  if (negotiate_) {
+    at::Tensor meta = encode_meta(box.tensors).to(device_);
+    box.handles.push_back(transport_->send(meta, peer, tag(dir, p.stage, p.mb, 0, true)));
+    box.tensors.push_back(meta);  // kept alive until the send completes
+  }
+  const size_t n = negotiate_ ? box.tensors.size() - 1 : box.tensors.size();
+  for (size_t i = 0; i < n; ++i) {
+    box.handles.push_back(
+        transport_->send(box.tensors[i], peer, tag(dir, p.stage, p.mb, static_cast<int>(i), false)));
+  }
+  outbox_.push_back(std::move(box));
+}
+
+std::vector<at::Tensor> Executor::take_input(const Part& p, int dir) {
+  const int producer = dir == kFwd ? p.stage - 1 : p.stage + 1;
+  if (stage_to_rank_[producer] == rank_) {
+    auto it = produced_.find(key(dir, producer, p.mb));
+    if (it == produced_.end()) {
+      fail(std::string("needs the ") + (dir == kFwd ? "output of stage " : "gradient from stage ") +
+               std::to_string(producer) + ", which this rank has not computed yet",
+           p.action, -1, false);
+    }
+    auto out = std::move(it->second);
+    produced_.erase(it);
+    return out;
+  }
+  auto it = inbox_.find(key(dir, p.stage, p.mb));
+  if (it == inbox_.end()) {
+    fail(std::string("needs ") + std::to_string(p.stage) + (dir == kFwd ? "RECV_F" : "RECV_B") +
+             std::to_string(p.mb) + " posted before it",
+         p.action, stage_to_rank_[producer], false);
+  }
+  Inbox& box = it->second;
+  const std::string what = std::string(dir == kFwd ? "the activation of stage " : "the gradient from stage ") +
+                           std::to_string(producer) + " for microbatch " + std::to_string(p.mb);
+  if (box.meta_handle) {
+    wait_handle(*box.meta_handle, p.action, box.peer, what + " (its shape)");
+    box.meta_handle.reset();
+    Meta meta = decode_meta(box.meta);
+    if (!options_.dynamic_shapes) recv_meta_[{dir, p.stage}] = meta;
+    box.buffers = allocate(meta, dir, p.stage);
+    const int producer_stage = producer;
+    for (size_t i = 0; i < box.buffers.size(); ++i) {
+      box.handles.push_back(transport_->recv(
+          box.buffers[i], box.peer, tag(dir, producer_stage, p.mb, static_cast<int>(i), false)));
+    }
+  }
+  for (auto& h : box.handles) wait_handle(*h, p.action, box.peer, what);
+  std::get<2>(comm_[box.comm_index]) = now();
+  std::vector<at::Tensor> out = std::move(box.buffers);
+  held_[key(dir, p.stage, p.mb)] = out;
+  inbox_.erase(it);
+  return out;
+}
+
+void Executor::release_inputs(int stage, int mb) {
+  for (int dir : {kFwd, kBwd}) {
+    auto it = held_.find(key(dir, stage, mb));
+    if (it == held_.end()) continue;
+    if (!options_.dynamic_shapes) pool_[{dir, stage}].push_back(std::move(it->second));
+    held_.erase(it);
+  }
+}
+
+void Executor::run_compute(size_t begin, size_t end) {
+  const int action = parts_[begin].action;
+  bool started = false;
+  auto mark_start = [&] {
+    if (!started) start_[action] = now(), started = true;
+  };
+  for (size_t i = begin; i < end; ++i) {
+    const Part& p = parts_[i];
+    if (p.kind == kF) {
+      std::vector<at::Tensor> inputs;
+      if (p.stage > 0) inputs = take_input(p, kFwd);
+      mark_start();
+      auto [outputs, release] = compute_->forward(p.stage, p.mb, p.stage > 0 ? &inputs : nullptr);
+      if (p.stage + 1 < num_stages_) {
+        produced_[key(kFwd, p.stage, p.mb)] = std::move(outputs);
+        release_after_send_[key(kFwd, p.stage, p.mb)] = release;
+      }
+    } else if (p.kind == kI || p.kind == kB) {
+      std::vector<at::Tensor> grads;
+      const bool has_grads = p.stage + 1 < num_stages_;
+      if (has_grads) grads = take_input(p, kBwd);
+      mark_start();
+      auto input_grads = compute_->backward(p.stage, p.mb, has_grads ? &grads : nullptr, p.kind == kB);
+      if (p.stage > 0) produced_[key(kBwd, p.stage, p.mb)] = std::move(input_grads);
+      grads.clear();
+      if (last_backward_[key(0, p.stage, p.mb)] == action) release_inputs(p.stage, p.mb);
+    } else if (p.kind == kW) {
+      mark_start();
+      compute_->weight(p.stage, p.mb);
+      if (last_backward_[key(0, p.stage, p.mb)] == action) release_inputs(p.stage, p.mb);
+    }
+  }
+  end_[action] = now();
+}
+
+void Executor::finish_outbox(Outbox& box, bool block) {
+  for (auto& h : box.handles) {
+    if (block) {
+      wait_handle(*h, box.action, box.peer, "the send to complete");
+    } else {
+      // done() was true for all; wait returns at once and surfaces a failed send
+      wait_handle(*h, box.action, box.peer, "the send to complete");
+    }
+  }
+  std::get<2>(comm_[box.comm_index]) = now();
+  if (box.release_storage) {
+    for (size_t i = 0; i < box.tensors.size(); ++i) release_storage(box.tensors[i]);
+  }
+  box.tensors.clear();
+  box.handles.clear();
+}
+
+void Executor::poll_sends() {
+  size_t keep = 0;
+  for (size_t i = 0; i < outbox_.size(); ++i) {
+    bool all = true;
+    for (auto& h : outbox_[i].handles) {
+      if (!h->done()) {
+        all = false;
+        break;
+      }
+    }
+    if (all) {
+      finish_outbox(outbox_[i], false);
+    } else {
+      if (keep != i) outbox_[keep] = std::move(outbox_[i]);
+      ++keep;
+    }
+  }
+  outbox_.resize(keep);
+}
+
+StepTimes Executor::step() {
+  if (broken_) {
+    throw std::runtime_error("rank " + std::to_string(rank_) +
+                             ": this executor failed in an earlier step; build a new one");
+  }
+  inbox_.clear();
+  produced_.clear();
+  held_.clear();
+  release_after_send_.clear();
+  outbox_.clear();
+  comm_.clear();
+  start_.assign(num_actions_, std::nan(""));
+  end_.assign(num_actions_, std::nan(""));
+  t0_ = std::chrono::steady_clock::now();
+  try {
+    size_t i = 0;
+    while (i < parts_.size()) {
+      const Part& p = parts_[i];
+      size_t j = i + 1;
+      if (is_comm(p.kind)) {
+        while (j < parts_.size() && is_comm(parts_[j].kind)) ++j;
+        transport_->begin_group();
+        for (size_t k = i; k < j; ++k) {
+          const Part& q = parts_[k];
+          start_[q.action] = now();
+          if (q.kind == kRecvF || q.kind == kRecvB) {
+            post_recv(q);
+          } else {
+            post_send(q);
+          }
+          end_[q.action] = now();
+        }
+        transport_->end_group();
+      } else {
+        while (j < parts_.size() && parts_[j].action == p.action) ++j;
+        run_compute(i, j);
+      }
+      poll_sends();
+      i = j;
+    }
+    for (auto& box : outbox_) finish_outbox(box, true);
+    outbox_.clear();
+    if (!inbox_.empty()) {
+      const Inbox& left = inbox_.begin()->second;
+      fail("a receive was posted but no action consumed it", left.action, left.peer, false);
+    }
+  } catch (const CommError&) {
+    broken_ = true;
+    throw;
+  } catch (const std::exception& e) {
+    broken_ = true;
+    transport_->abort("rank " + std::to_string(rank_) + " raised: " + e.what());
+    throw;
+  }
+  negotiate_ = options_.dynamic_shapes;
+  StepTimes out;
+  out.start = start_;
+  out.end = end_;
+  out.comm = comm_;
+  out.wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
+  out.epoch = std::chrono::duration<double>(t0_.time_since_epoch()).count();
+  return out;
+}
+
+}  // namespace ppfast

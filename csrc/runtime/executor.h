@@ -1,0 +1,173 @@
+// The stage executor: runs one rank's lowered program, one step at a time.
+//
+// Per action:
+//   RECV_F / RECV_B  post the receive at once into a pooled buffer and keep the handle; only
+//                    the compute that reads it waits (with a timeout), never the posting.
+//   F / I / B / W    call back into Python for the stage's compute. Outputs stay here until
+//                    sent or handed to the next stage on this rank.
+//   SEND_F / SEND_B  post the send; the tensor stays alive until the send completes. An
+//                    activation the stage marked as not needed by backward has its storage
+//                    released as soon as its send completes.
+//   back-to-back communication is posted as one group (coalesced where the backend can).
+//
+// Shapes: the first step (every step with dynamic_shapes) sends a small metadata message
+// ahead of each tensor list; the receiver allocates from it. Later steps reuse the agreed
+// shapes and pooled buffers, and a sender whose output changed shape stops with an error.
+//
+// Every wait has a timeout; a timeout or a failed peer raises an error naming this rank, the
+// action and the peer. The GIL is released whenever the executor waits.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <chrono>
+#include <map>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "runtime/transport.h"
+
+namespace ppfast {
+
+// Raised to Python as ppfast.PipelineCommError.
+struct CommError : std::runtime_error {
+  CommError(const std::string& what, int rank, std::string action, int peer, bool timed_out)
+      : std::runtime_error(what),
+        rank(rank),
+        action(std::move(action)),
+        peer(peer),
+        timed_out(timed_out) {}
+  int rank;
+  std::string action;
+  int peer;
+  bool timed_out;
+};
+
+// The stage compute the executor calls back into (Python's PipelineStage through the bindings,
+// or a C++ test double). Received tensors stay valid until the action that ends the backward of
+// their (stage, microbatch) has run; after that their buffers are reused.
+class Compute {
+ public:
+  virtual ~Compute() = default;
+  // inputs is null for the first stage. Returns the outputs for the next stage and whether
+  // their storage may be freed once sent (autograd does not need their values).
+  virtual std::pair<std::vector<at::Tensor>, bool> forward(int stage, int mb,
+                                                           const std::vector<at::Tensor>* inputs) = 0;
+  // grads is null for the last stage (the loss starts the backward). Returns the gradients of
+  // the stage's inputs (empty for the first stage). full: B, else I (W comes separately).
+  virtual std::vector<at::Tensor> backward(int stage, int mb, const std::vector<at::Tensor>* grads,
+                                           bool full) = 0;
+  virtual void weight(int stage, int mb) = 0;
+  virtual at::Device device() const { return at::kCPU; }
+};
+
+// What one step did: per action start and end (seconds from the step's start; NaN for none),
+// per communication action when it was posted and when it was seen complete.
+struct StepTimes {
+  std::vector<double> start, end;
+  std::vector<std::tuple<int, double, double>> comm;
+  double wall = 0.0;
+  double epoch = 0.0;  // the step's start on the steady clock, seconds (shared by processes)
+};
+
+struct ExecutorOptions {
+  int64_t timeout_ms = 300000;
+  bool dynamic_shapes = false;
+};
+
+class Executor {
+ public:
+  // parts: this rank's lowered program, [kind, stage, mb, action] per part (csrc/engine.h
+  // codes); names: each action's text form, for errors and traces.
+  Executor(int rank, std::vector<int32_t> stage_to_rank, int32_t num_mb,
+           std::vector<int32_t> parts, std::vector<std::string> names,
+           std::shared_ptr<Transport> transport, std::shared_ptr<Compute> compute,
+           ExecutorOptions options);
+
+  // Runs the program once. A failure aborts the transport (so peers fail fast) and rethrows;
+  // the executor cannot run again after one.
+  StepTimes step();
+
+  void set_timeout_ms(int64_t ms) { options_.timeout_ms = ms; }
+  int rank() const { return rank_; }
+
+ private:
+  struct Meta {
+    std::vector<std::pair<c10::ScalarType, std::vector<int64_t>>> tensors;
+    bool operator==(const Meta& o) const { return tensors == o.tensors; }
+  };
+  struct Inbox {
+    int peer = -1;
+    int action = -1;
+    at::Tensor meta;
+    std::shared_ptr<Handle> meta_handle;
+    std::vector<at::Tensor> buffers;
+    std::vector<std::shared_ptr<Handle>> handles;
+    size_t comm_index = 0;
+  };
+  struct Outbox {
+    int action = -1;
+    int peer = -1;
+    std::vector<at::Tensor> tensors;
+    std::vector<std::shared_ptr<Handle>> handles;
+    bool release_storage = false;
+    size_t comm_index = 0;
+  };
+  struct Part {
+    int32_t kind, stage, mb, action;
+  };
+
+  static int64_t key(int dir, int stage, int mb) { return (int64_t(dir) << 40) | (int64_t(stage) << 20) | mb; }
+  int64_t tag(int dir, int producer_stage, int mb, int index, bool meta) const;
+  std::chrono::milliseconds timeout() const { return std::chrono::milliseconds(options_.timeout_ms); }
+  double now() const;
+
+  void post_recv(const Part& p);
+  void post_send(const Part& p);
+  std::vector<at::Tensor> take_input(const Part& p, int dir);
+  void run_compute(size_t begin, size_t end);
+  void finish_outbox(Outbox& box, bool block);
+  void poll_sends();
+  void release_inputs(int stage, int mb);
+  [[noreturn]] void fail(const std::string& why, int action, int peer, bool timed_out);
+  void wait_handle(Handle& h, int action, int peer, const std::string& what);
+
+  at::Tensor encode_meta(const std::vector<at::Tensor>& tensors) const;
+  Meta decode_meta(const at::Tensor& t) const;
+  std::vector<at::Tensor> allocate(const Meta& meta, int dir, int stage);
+
+  int rank_;
+  std::vector<int32_t> stage_to_rank_;
+  int32_t num_stages_, num_mb_;
+  std::vector<Part> parts_;
+  std::vector<std::string> names_;
+  int num_actions_ = 0;
+  std::shared_ptr<Transport> transport_;
+  std::shared_ptr<Compute> compute_;
+  ExecutorOptions options_;
+  bool broken_ = false;
+  at::Device device_{at::kCPU};
+
+  // (stage, mb) -> index of the action that ends its backward on this rank (B or W)
+  std::unordered_map<int64_t, int> last_backward_;
+
+  // agreed shapes: (dir, receiving stage) for receives, (dir, producing stage) for sends
+  std::map<std::pair<int, int>, Meta> recv_meta_, send_meta_;
+  bool negotiate_ = true;
+  // free receive buffers per (dir, receiving stage)
+  std::map<std::pair<int, int>, std::vector<std::vector<at::Tensor>>> pool_;
+
+  // per-step state
+  std::unordered_map<int64_t, Inbox> inbox_;
+  std::unordered_map<int64_t, std::vector<at::Tensor>> produced_;  // (dir, stage, mb) -> outputs
+  std::unordered_map<int64_t, std::vector<at::Tensor>> held_;      // buffers to free after backward
+  std::unordered_map<int64_t, bool> release_after_send_;            // (F, stage, mb) -> bool
+  std::vector<Outbox> outbox_;
+  std::chrono::steady_clock::time_point t0_;
+  std::vector<double> start_, end_;
+  std::vector<std::tuple<int, double, double>> comm_;
+};
+
+}  // namespace ppfast

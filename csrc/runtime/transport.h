@@ -1,0 +1,129 @@
+// Point-to-point transports the executor posts its sends and receives on.
+//
+// A transport moves lists of tensors between ranks, matched by (peer, tag). Every operation is
+// asynchronous: it returns a Handle at once and the caller waits on the handle with a timeout
+// when it needs the data (or needs the send buffer back). Two implementations:
+//   C10dTransport      any c10d ProcessGroup (gloo, NCCL), ranks are processes (torchrun)
+//   InProcessTransport ranks are threads of one process, sharing a Hub
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace c10d {
+class Backend;
+class ProcessGroup;
+class Work;
+}  // namespace c10d
+
+namespace ppfast {
+
+// A transport failed or timed out; what() says why (the executor adds rank, action, peer).
+struct TransportError : std::runtime_error {
+  TransportError(const std::string& why, bool timed_out)
+      : std::runtime_error(why), timed_out(timed_out) {}
+  bool timed_out;
+};
+
+class Handle {
+ public:
+  virtual ~Handle() = default;
+  // Blocks until the operation is complete; throws TransportError on failure or timeout.
+  virtual void wait(std::chrono::milliseconds timeout) = 0;
+  // Non-blocking: has it completed (successfully or not)?
+  virtual bool done() = 0;
+};
+
+class Transport {
+ public:
+  virtual ~Transport() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual std::string name() const = 0;
+  virtual std::shared_ptr<Handle> send(const at::Tensor& tensor, int peer, int64_t tag) = 0;
+  virtual std::shared_ptr<Handle> recv(const at::Tensor& tensor, int peer, int64_t tag) = 0;
+  // Operations posted between begin_group and end_group form one coalesced group where the
+  // backend supports it (NCCL); elsewhere these do nothing.
+  virtual void begin_group() {}
+  virtual void end_group() {}
+  // Tell peers that this rank gave up, so they fail at once instead of waiting out a timeout.
+  virtual void abort(const std::string& why) {}
+};
+
+// ---------------------------------------------------------------------------- c10d
+
+class C10dTransport : public Transport {
+ public:
+  explicit C10dTransport(c10::intrusive_ptr<c10d::ProcessGroup> group, c10::DeviceType device);
+  ~C10dTransport() override;
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  std::string name() const override;
+  std::shared_ptr<Handle> send(const at::Tensor& tensor, int peer, int64_t tag) override;
+  std::shared_ptr<Handle> recv(const at::Tensor& tensor, int peer, int64_t tag) override;
+  void begin_group() override;
+  void end_group() override;
+
+ private:
+  c10::intrusive_ptr<c10d::ProcessGroup> group_;
+  c10::intrusive_ptr<c10d::Backend> backend_;
+  c10::DeviceType device_;
+  int rank_, size_;
+  bool coalescing_ = false;
+  bool can_coalesce_ = false;
+};
+
+// ---------------------------------------------------------------------------- in process
+
+class InProcessOp;
+
+// The meeting point of the ranks of one in-process pipeline. A message moves when both its
+// send and its receive are posted: the later of the two copies the tensor into the receive
+// buffer. abort() fails every pending and future operation, naming the rank that gave up.
+class Hub {
+ public:
+  explicit Hub(int size) : size_(size) {}
+  int size() const { return size_; }
+  std::shared_ptr<Handle> post(int src, int dst, int64_t tag, const at::Tensor& tensor,
+                               bool is_send);
+  void abort(int rank, const std::string& why);
+
+ private:
+  struct Slot {
+    std::shared_ptr<InProcessOp> send, recv;
+  };
+  std::mutex mu_;
+  int size_;
+  std::map<std::tuple<int, int, int64_t>, Slot> slots_;
+  std::string aborted_;
+};
+
+class InProcessTransport : public Transport {
+ public:
+  InProcessTransport(std::shared_ptr<Hub> hub, int rank) : hub_(std::move(hub)), rank_(rank) {}
+  int rank() const override { return rank_; }
+  int size() const override { return hub_->size(); }
+  std::string name() const override { return "in-process"; }
+  std::shared_ptr<Handle> send(const at::Tensor& tensor, int peer, int64_t tag) override {
+    return hub_->post(rank_, peer, tag, tensor, true);
+  }
+  std::shared_ptr<Handle> recv(const at::Tensor& tensor, int peer, int64_t tag) override {
+    return hub_->post(peer, rank_, tag, tensor, false);
+  }
+  void abort(const std::string& why) override { hub_->abort(rank_, why); }
+
+ private:
+  std::shared_ptr<Hub> hub_;
+  int rank_;
+};
+
+}  // namespace ppfast

@@ -1,0 +1,133 @@
+"""Pipe: every stage in this process, ranks as threads over the in-process transport."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ._native import C
+from .errors import PipelineCommError
+from .ir import Program
+from .pipeline import PipelineSchedule
+from .schedules import lookup
+from .stage import PipelineStage
+
+
+class Pipe:
+    """Like torch's former ``Pipe``: ``Pipe(modules, devices=[...], chunks=m, schedule=...)``.
+
+    ``modules`` is an ``nn.Sequential`` or a list of stage modules; there are
+    ``len(devices)`` ranks (default: one per module), each holding ``len(modules) /
+    len(devices)`` stages in the schedule's placement. Each rank runs in its own thread; the
+    executor releases the GIL while it waits and torch ops release it while they compute.
+    """
+
+    def __init__(
+        self,
+        modules: nn.Sequential | Sequence[nn.Module],
+        devices: Sequence[torch.device | str] | None = None,
+        chunks: int = 1,
+        schedule: str = "1f1b",
+        loss_fn: Callable | None = None,
+        *,
+        program: Program | None = None,
+        timeout: float = 300.0,
+        dynamic_shapes: bool = False,
+        **schedule_options,
+    ):
+        modules = list(modules)
+        if not modules:
+            raise ValueError("Pipe needs at least one stage module")
+        devices = [torch.device(d) for d in (devices or ["cpu"] * len(modules))]
+        p = len(devices)
+        if len(modules) % p:
+            raise ValueError(f"{len(modules)} stage modules do not share out over {p} devices")
+        name = lookup(schedule).name if program is None else "program"
+        self.hub = C.Hub(p)
+        self.modules = modules
+        self.schedules: list[PipelineSchedule] = []
+        placement = self._placement(name, p, len(modules), program)
+        cls = type("PipeSchedule", (PipelineSchedule,), {"schedule_name": name})
+        for r in range(p):
+            stages = [
+                PipelineStage(
+                    modules[s].to(devices[r]), s, len(modules), devices[r],
+                    dynamic_shapes=dynamic_shapes,
+                )
+                for s in range(len(modules))
+                if placement[s] == r
+            ]  # fmt: skip
+            self.schedules.append(
+                cls(
+                    stages,
+                    chunks,
+                    loss_fn,
+                    program=program,
+                    transport=C.InProcessTransport(self.hub, r),
+                    timeout=timeout,
+                    **schedule_options,
+                )
+            )
+
+    @staticmethod
+    def _placement(name: str, p: int, n: int, program: Program | None) -> tuple[int, ...]:
+        if program is not None:
+            return program.stage_to_rank
+        spec = lookup(name)
+        v = n // p
+        if spec.placement == "v":
+            from .ir import v_placement
+
+            if v != 2:
+                raise ValueError(f"{name} needs two stages per device, got {n} on {p}")
+            return v_placement(p)
+        if spec.placement == "searched":
+            raise ValueError(
+                "auto chooses its own placement; build it with generate() and pass program="
+            )
+        from .ir import loop_placement
+
+        return loop_placement(p, v)
+
+    def step(self, *args, target=None, losses: list | None = None, **kwargs):
+        """One training step; returns the last stage's outputs (concatenated)."""
+        results: list = [None] * len(self.schedules)
+        errors: list[BaseException | None] = [None] * len(self.schedules)
+
+        def run(r: int) -> None:
+            sched = self.schedules[r]
+            has_first = any(s.stage_index == 0 for s in sched.stages)
+            try:
+                results[r] = sched.step(
+                    *(args if has_first else ()),
+                    target=target,
+                    losses=losses if any(s.is_last for s in sched.stages) else None,
+                    **(kwargs if has_first else {}),
+                )
+            except BaseException as e:  # noqa: BLE001 - reported below, root cause first
+                errors[r] = e
+                self.hub.abort(r, f"{type(e).__name__}: {e}")
+
+        threads = [
+            threading.Thread(target=run, args=(r,), daemon=True) for r in range(len(self.schedules))
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        failed = [e for e in errors if e is not None]
+        if failed:
+            # a rank that failed on its own explains the others, which only saw it go
+            root = [e for e in failed if not isinstance(e, PipelineCommError)] or failed
+            raise root[0]
+        return next((r for r in results if r is not None), None)
+
+    @property
+    def last_metrics(self):
+        return [s.last_metrics for s in self.schedules]
+
+    def timeline(self):
+        return [x for s in self.schedules for x in s.timeline()]

@@ -1,0 +1,188 @@
+"""PipelineStage: one stage's module and its forward, backward and weight-gradient compute."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+
+def _as_tensor_tuple(out: object, stage: int) -> tuple[torch.Tensor, ...]:
+    if isinstance(out, torch.Tensor):
+        return (out,)
+    if isinstance(out, (tuple, list)) and out and all(isinstance(t, torch.Tensor) for t in out):
+        return tuple(out)
+    raise TypeError(
+        f"stage {stage} returned {type(out).__name__}; a stage that feeds another must return a "
+        "tensor or a tuple of tensors (pass other values as constructor or step arguments)"
+    )
+
+
+class PipelineStage:
+    """One pipeline stage: a module, its index, and how many stages there are.
+
+    Mirrors ``torch.distributed.pipelining.PipelineStage(submodule, stage_index, num_stages,
+    device, group=None)``. Shapes and dtypes of what stages pass each other are agreed between
+    neighbours at the first step and cached; with ``dynamic_shapes=True`` they are agreed every
+    step (variable sequence lengths). A stage may pass several tensors (a tuple); non-tensor
+    arguments are given to ``step`` (first stage) and replicated to every microbatch.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        stage_index: int,
+        num_stages: int,
+        device: torch.device | str | None = None,
+        group: object | None = None,
+        *,
+        dynamic_shapes: bool = False,
+    ):
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        if not 0 <= stage_index < num_stages:
+            raise ValueError(
+                f"stage_index {stage_index} is outside [0, {num_stages}); stages are numbered "
+                "from 0 to num_stages - 1"
+            )
+        self.submod = module
+        self.stage_index = stage_index
+        self.num_stages = num_stages
+        self.device = torch.device(device) if device is not None else _module_device(module)
+        self.group = group
+        self.dynamic_shapes = dynamic_shapes
+        self._reset(0)
+        self.loss_fn: Callable | None = None
+        self.scale = 1.0
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage_index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage_index == self.num_stages - 1
+
+    # ------------------------------------------------------------------ per step
+
+    def _reset(self, m: int) -> None:
+        self._args: list[tuple] = [()] * m
+        self._kwargs: list[dict] = [{}] * m
+        self._targets: list[object] = [None] * m
+        self._inputs: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._outputs: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._losses: dict[int, torch.Tensor] = {}
+        self.output_chunks: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def prepare(self, m: int, args, kwargs, targets, loss_fn, scale: float) -> None:
+        """Microbatch inputs (first stage) and targets (last stage) for the next step."""
+        self._reset(m)
+        if self.is_first:
+            self._args, self._kwargs = args, kwargs
+        if self.is_last:
+            self._targets = targets if targets is not None else [None] * m
+        self.loss_fn = loss_fn
+        self.scale = scale
+
+    def losses(self) -> list[torch.Tensor]:
+        return [self._losses[i] for i in sorted(self._losses)]
+
+    def check_clean(self) -> None:
+        """Every microbatch's tensors were dropped by its last backward."""
+        left = sorted(set(self._inputs) | set(self._outputs))
+        assert not left, f"stage {self.stage_index} still holds microbatches {left} after the step"
+
+    # ------------------------------------------------------------------ compute
+
+    def forward(self, mb: int, inputs: Sequence[torch.Tensor] | None):
+        if self.is_first:
+            args, kwargs = self._args[mb], self._kwargs[mb]
+            leaves: tuple[torch.Tensor, ...] = ()
+        else:
+            leaves = tuple(
+                t.detach().requires_grad_(t.is_floating_point() or t.is_complex()) for t in inputs
+            )
+            args, kwargs = leaves, {}
+        saved: set[int] = set()
+
+        def pack(t: torch.Tensor):
+            if t.device.type != "meta":
+                saved.add(t.untyped_storage().data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = self.submod(*args, **kwargs)
+        if self.is_last:
+            self._finish_last(mb, out, leaves)
+            return [], False
+        outs = _as_tensor_tuple(out, self.stage_index)
+        self._inputs[mb] = leaves
+        self._outputs[mb] = outs
+        # An output's memory can go once it is sent if autograd kept no reference to it and
+        # it shares memory with no input (a stage may return an input unchanged).
+        in_ptrs = {t.untyped_storage().data_ptr() for t in leaves}
+        release = all(
+            o.is_contiguous()
+            and o._base is None
+            and o.untyped_storage().data_ptr() not in saved | in_ptrs
+            for o in outs
+        )
+        return [o.detach() for o in outs], release
+
+    def _finish_last(self, mb: int, out: object, leaves: tuple[torch.Tensor, ...]) -> None:
+        self._inputs[mb] = leaves
+        if self.loss_fn is None:
+            raise ValueError(
+                "the last stage needs a loss_fn to start the backward; pass loss_fn to the schedule"
+            )
+        target = self._targets[mb]
+        loss = self.loss_fn(out, target) if target is not None else self.loss_fn(out)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(
+                f"loss_fn must return a scalar tensor, got {shape}; reduce it (e.g. .mean())"
+            )
+        self._losses[mb] = loss.detach()
+        self.output_chunks[mb] = tuple(
+            t.detach() for t in (out if isinstance(out, (tuple, list)) else (out,))
+        )
+        self._outputs[mb] = (loss * self.scale,)
+
+    def backward(self, mb: int, grads: Sequence[torch.Tensor] | None, full: bool):
+        """Input gradients now; weight gradients too (every layer here computes them in I,
+        so a W for this stage has nothing left to do)."""
+        outs = self._outputs.pop(mb)
+        if self.is_last:
+            torch.autograd.backward(outs[0])
+        else:
+            roots = [o for o in outs if o.requires_grad]
+            floats = [o for o in outs if o.is_floating_point() or o.is_complex()]
+            if len(grads) != len(floats):
+                raise RuntimeError(
+                    f"stage {self.stage_index} got {len(grads)} gradients for {len(floats)} "
+                    "floating-point outputs"
+                )
+            pairs = [(o, g) for o, g in zip(floats, grads, strict=True) if o.requires_grad]
+            if pairs:
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+            del roots
+        leaves = self._inputs.pop(mb)
+        if self.is_first:
+            return []
+        return [
+            t.grad if t.grad is not None else torch.zeros_like(t)
+            for t in leaves
+            if t.is_floating_point() or t.is_complex()
+        ]
+
+    def weight(self, mb: int) -> None:
+        return None
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    for b in module.buffers():
+        return b.device
+    return torch.device("cpu")
