@@ -130,4 +130,11 @@ class Pipe:
         return [s.last_metrics for s in self.schedules]
 
     def timeline(self):
+        """Every rank's last step as (rank, action, start, end) on one clock."""
         return [x for s in self.schedules for x in s.timeline()]
+
+    def write_timeline(self, png=None, trace=None, title=""):
+        """Draw the last step as the simulator draws a program (PNG and/or Chrome trace)."""
+        from .runtime import write_timeline
+
+        write_timeline(self.timeline(), self.schedules[0].program, png, trace, title)

@@ -210,7 +210,23 @@ class PipelineSchedule:
         return None
 
     def timeline(self):
+        """This rank's last step as (rank, action, start, end) on the shared steady clock."""
         return self._runner.timeline() if self._runner else []
+
+    def gather_timeline(self, group=None):
+        """Every rank's last step (a collective over the stages' group; c10d only)."""
+        import torch.distributed as dist
+
+        group = group or self.stages[0].group or dist.group.WORLD
+        parts = [None] * dist.get_world_size(group)
+        dist.all_gather_object(parts, self.timeline(), group=group)
+        return [x for part in parts for x in part]
+
+    def write_timeline(self, timeline, png=None, trace=None, title=""):
+        """Draw ``timeline`` (from :meth:`gather_timeline`) as the simulator draws a program."""
+        from .runtime import write_timeline
+
+        write_timeline(timeline, self.program, png, trace, title or self.schedule_name)
 
 
 def _schedule(cls_name: str, name: str, doc: str) -> type[PipelineSchedule]:

@@ -116,12 +116,40 @@ class RankRunner:
         return StepMetrics(self.rank, wall, busy, 1.0 - busy / wall if wall else 0.0, spans, lat)
 
     def timeline(self) -> list[tuple[int, object, float, float]]:
-        """The last step's compute actions as (rank, action, start, end), for ppfast.draw."""
+        """The last step's compute actions as (rank, action, start, end), for ppfast.draw.
+
+        Times are seconds on the machine's steady clock, which every process of one machine
+        shares, so timelines of several ranks line up.
+        """
         if self.last is None:
             return []
         acts = self.program.ranks[self.rank]
+        t0 = self.last["epoch"]
         return [
-            (self.rank, a, self.last["start"][k], self.last["end"][k])
+            (self.rank, a, t0 + self.last["start"][k], t0 + self.last["end"][k])
             for k, a in enumerate(acts)
             if a.is_compute
         ]
+
+
+def write_timeline(
+    timeline, program: Program, png: str | None = None, trace: str | None = None, title: str = ""
+) -> None:
+    """Draw a measured step like the simulator's: times from the earliest start, in ms."""
+    from .draw import draw_png, spans_from, stage_chunks, write_trace
+
+    if not timeline:
+        return
+    t0 = min(s for _, _, s, _ in timeline)
+    spans = spans_from((r, a, (s - t0) * 1e3, (e - t0) * 1e3) for r, a, s, e in timeline)
+    if png:
+        draw_png(
+            spans,
+            png,
+            num_ranks=program.p,
+            stage_chunk=stage_chunks(program.stage_to_rank),
+            title=title,
+            unit="ms",
+        )
+    if trace:
+        write_trace(spans, trace, us_per_unit=1e3, title=title)
