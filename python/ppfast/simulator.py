@@ -88,9 +88,7 @@ class Simulation:
         """
         out = []
         for r, acts in enumerate(self.program.ranks):
-            times = [
-                (self.start[r][k], self.end[r][k]) for k, a in enumerate(acts) if a.is_compute
-            ]
+            times = [(self.start[r][k], self.end[r][k]) for k, a in enumerate(acts) if a.is_compute]
             span = max(e for _, e in times) - min(s for s, _ in times) if times else 0.0
             out.append(1.0 - self.busy[r] / span if span > 0 else 0.0)
         return out
