@@ -3,8 +3,9 @@
 The stage compute returns a one-element tensor at once, so a step's wall time is the executor's
 own work: walking the program, calling back into Python, posting and completing sends and
 receives. Two setups: one rank (compute callbacks only), and p ranks as threads over the
-in-process transport (callbacks plus communication). Prints microseconds per action (median
-of the steps) and writes bench/results/executor_overhead.json.
+in-process transport (callbacks plus communication; the ranks also hand the GIL to each other
+at every callback). Each rank runs the steps back to back in one thread. Prints microseconds
+per action (median of 5 runs) and writes bench/results/executor_overhead.json.
 
     python bench/bench_executor_overhead.py [--steps 50] [-p 2] [-m 64] [--schedule 1f1b]
 """
@@ -48,10 +49,15 @@ def per_action_us(name: str, p: int, m: int, steps: int) -> tuple[float, int]:
         for r in range(p)
     ]
     n_actions = max(len(a) for a in runners[0].program.ranks)
-    walls: list[float] = []
 
-    def one_step():
-        threads = [threading.Thread(target=r.step) for r in runners]
+    def run_steps(r: RankRunner, k: int) -> None:
+        for _ in range(k):
+            r.step()
+
+    def timed(k: int) -> float:
+        # each rank runs k steps back to back in its own thread; starting threads is not timed
+        # per step, it is spread over k steps
+        threads = [threading.Thread(target=run_steps, args=(r, k)) for r in runners]
         t = time.perf_counter()
         for th in threads:
             th.start()
@@ -59,10 +65,8 @@ def per_action_us(name: str, p: int, m: int, steps: int) -> tuple[float, int]:
             th.join()
         return time.perf_counter() - t
 
-    for _ in range(3):
-        one_step()
-    for _ in range(steps):
-        walls.append(one_step())
+    timed(3)
+    walls = [timed(steps) / steps for _ in range(5)]
     # the ranks run side by side, so a step costs the busiest rank's actions
     return statistics.median(walls) / n_actions * 1e6, n_actions
 
@@ -80,7 +84,7 @@ def main() -> None:
     torch.set_num_threads(1)
     single, n1 = per_action_us(args.schedule, 1, args.m, args.steps)
     multi, n2 = per_action_us(args.schedule, args.p, args.m, args.steps)
-    print(f"{args.schedule}, m={args.m}, empty compute, medians of {args.steps} steps")
+    print(f"{args.schedule}, m={args.m}, empty compute, median of 5 runs of {args.steps} steps")
     print(f"  1 rank ({n1} actions):                 {single:6.1f} us per action")
     print(f"  {args.p} ranks in process ({n2} actions each): {multi:6.1f} us per action")
     out = Path(args.out)
