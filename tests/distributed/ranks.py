@@ -1,0 +1,140 @@
+"""Run a function on N gloo ranks (spawned processes) with a hard timeout, for tests."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import socket
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from datetime import timedelta
+
+
+class RanksFailed(AssertionError):
+    """A rank raised, died, or the group ran past its time; the message says which and why."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(fn, rank: int, world_size: int, port: int, results, stop, args) -> None:
+    # Results are pickled here, by value: torch's multiprocessing reductions would hand the
+    # parent shared-memory file descriptors, one per tensor, and thousands of them run out.
+    try:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(port)
+        dist.init_process_group(
+            "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60)
+        )
+        out = fn(rank, world_size, *args)
+        results.put((rank, "ok", pickle.dumps(out)))
+    except BaseException:  # noqa: BLE001 - the parent reports it with the other ranks
+        results.put((rank, "error", traceback.format_exc()))
+    results.close()
+    results.join_thread()
+    # Stay alive until every rank has reported, so a rank that is done does not close its
+    # connections under a peer still waiting on it (that peer would see a closed connection
+    # instead of the failure the test sets up). No destroy_process_group: after a failed step
+    # it can block on operations that will never complete; the parent ends the process.
+    stop.wait(600)
+    os._exit(0)
+
+
+def run_ranks(
+    fn: Callable,
+    world_size: int,
+    *args,
+    timeout: float = 120.0,
+    may_exit: Iterable[int] = (),
+    grace: float = 5.0,
+) -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return each rank's result.
+
+    ``fn`` must be a module-level function and its arguments and result picklable. Each rank
+    runs with one intra-op thread. A rank that raises fails the call with its traceback (the
+    others get ``grace`` seconds to report too, for context); so does one that exits without a
+    result, unless it is in ``may_exit``, whose result is then None. Past ``timeout`` seconds
+    every process is killed and the call fails naming the ranks that had not finished: a hung
+    pipeline fails the test, it never hangs it.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    stop = ctx.Event()
+    port = free_port()
+    may_exit = set(may_exit)
+    procs = [
+        ctx.Process(
+            target=_rank_main,
+            args=(fn, r, world_size, port, results, stop, args),
+            name=f"rank{r}",
+            daemon=True,
+        )
+        for r in range(world_size)
+    ]
+    for proc in procs:
+        proc.start()
+    done: dict[int, object] = {}
+    errors: dict[int, str] = {}
+    dead_since: dict[int, float] = {}
+    deadline = time.monotonic() + timeout
+    timed_out = False
+    try:
+        while len(done) + len(errors) < world_size:
+            now = time.monotonic()
+            if now >= deadline:
+                timed_out = not errors
+                break
+            try:
+                rank, status, payload = results.get(timeout=min(0.2, deadline - now))
+            except queue.Empty:
+                pass
+            else:
+                if status == "ok":
+                    done[rank] = pickle.loads(payload)
+                else:
+                    errors[rank] = payload
+                    deadline = min(deadline, time.monotonic() + grace)
+                continue
+            for r, proc in enumerate(procs):
+                if r in done or r in errors or proc.exitcode is None:
+                    continue
+                # its result may still be in the pipe: give it a moment to arrive
+                first = dead_since.setdefault(r, time.monotonic())
+                if time.monotonic() - first < 1.0:
+                    continue
+                if r in may_exit:
+                    done[r] = None
+                else:
+                    errors[r] = f"exited with code {proc.exitcode} before returning a result"
+                    deadline = min(deadline, time.monotonic() + grace)
+    finally:
+        stop.set()
+        end = time.monotonic() + (0 if timed_out or errors else 5.0)
+        for proc in procs:
+            proc.join(max(0.0, end - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+        results.close()
+    if timed_out:
+        missing = [r for r in range(world_size) if r not in done]
+        raise RanksFailed(
+            f"{fn.__name__} on {world_size} ranks ran past {timeout:.0f} s; ranks {missing} had "
+            "not finished (all processes killed)"
+        )
+    if errors:
+        missing = [r for r in range(world_size) if r not in done and r not in errors]
+        text = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
+        more = f"\nranks {missing} had not finished when they were killed" if missing else ""
+        raise RanksFailed(f"{fn.__name__} failed on ranks {sorted(errors)}:\n{text}{more}")
+    return [done[r] for r in range(world_size)]
