@@ -1,0 +1,88 @@
+"""ppfast.Pipe (ranks as threads, in-process transport) matches one-device training.
+
+Same check as tests/distributed/test_equivalence.py, in one process: every schedule, 2 to 4
+ranks, the three models there, m in {p, 2p, 2p+1}; per-microbatch losses, every gradient at
+every step, and the parameters after 3 optimizer steps, fp32 with rtol=1e-5 and atol=1e-6
+(torch.testing.assert_close). dualpipev at m = p is not run: it needs m >= 2p and must say
+so with a ValueError, which is checked instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ppfast
+
+# the models and the reference live beside the multi-process tests, which import them by name
+sys.path.insert(0, str(Path(__file__).parent / "distributed"))
+from toy_models import (  # noqa: E402
+    CHUNKED,
+    MODELS,
+    SCHEDULE_CLASSES,
+    STEPS,
+    assert_matches,
+    batch,
+    build_blocks,
+    loss_fn_of,
+    make_optimizer,
+    mse_loss,
+    reference,
+    split_stages,
+    stage_state,
+)
+
+RTOL, ATOL = 1e-5, 1e-6
+SCHEDULES = tuple(SCHEDULE_CLASSES)  # Pipe takes the names
+M_CASES = {"m=p": lambda p: p, "m=2p": lambda p: 2 * p, "m=2p+1": lambda p: 2 * p + 1}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # p threads of tiny ops on a couple of cores: intra-op threads only add hand-offs
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@functools.cache
+def reference_of(model: str, p: int, m: int, stages: int) -> dict:
+    return reference(model, 2 * p, m, stages)
+
+
+@pytest.mark.parametrize("m_case", list(M_CASES))
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("p", (2, 3, 4))
+def test_pipe_matches_one_device(p, schedule, model, m_case):
+    m = M_CASES[m_case](p)
+    n = 2 * p if schedule in CHUNKED else p
+    chains = split_stages(build_blocks(model, 2 * p), n)
+    if schedule == "dualpipev" and m < 2 * p:
+        pipe = ppfast.Pipe(chains, ["cpu"] * p, chunks=m, schedule=schedule, loss_fn=mse_loss)
+        inputs, target = batch(model, m, 0)
+        with pytest.raises(ValueError, match=rf"at least {2 * p}\b"):
+            pipe.step(*inputs, target=target, losses=[])
+        pytest.skip(f"{schedule} needs m >= 2p; m={m} is rejected with a ValueError")
+    pipe = ppfast.Pipe(
+        chains, ["cpu"] * p, chunks=m, schedule=schedule, loss_fn=loss_fn_of(model), timeout=30
+    )
+    opt = make_optimizer([q for c in chains for q in c.parameters()])
+    stages = dict(enumerate(chains))
+    got = {"losses": [], "outputs": [], "grads": []}
+    for k in range(STEPS):
+        inputs, target = batch(model, m, k)
+        opt.zero_grad()
+        losses: list = []
+        got["outputs"].append(pipe.step(*inputs, target=target, losses=losses))
+        got["losses"].append([float(x) for x in losses])
+        got["grads"].append(stage_state(stages, "grad"))
+        opt.step()
+    got["params"] = stage_state(stages, "param")
+    # a last stage with tuple outputs returns None from step
+    assert_matches(got, reference_of(model, p, m, n), RTOL, ATOL, outputs=model != "two-stream")
