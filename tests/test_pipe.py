@@ -4,13 +4,15 @@ Same check as tests/distributed/test_equivalence.py, in one process: every sched
 ranks, the three models there, m in {p, 2p, 2p+1}; per-microbatch losses, every gradient at
 every step, and the parameters after 3 optimizer steps, fp32 with rtol=1e-5 and atol=1e-6
 (torch.testing.assert_close). dualpipev at m = p is not run: it needs m >= 2p and must say
-so with a ValueError, which is checked instead.
+so with a ValueError, which is checked instead. Also: dynamic_shapes lets the sequence
+length change between steps, and a failing rank makes step raise its error at once.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ from toy_models import (  # noqa: E402
     CHUNKED,
     MODELS,
     SCHEDULE_CLASSES,
+    SEQ,
     STEPS,
     assert_matches,
     batch,
@@ -86,3 +89,86 @@ def test_pipe_matches_one_device(p, schedule, model, m_case):
     got["params"] = stage_state(stages, "param")
     # a last stage with tuple outputs returns None from step
     assert_matches(got, reference_of(model, p, m, n), RTOL, ATOL, outputs=model != "two-stream")
+
+
+@pytest.mark.parametrize(
+    "schedule, model, m", [("1f1b", "transformer", 3), ("zb-v", "two-stream", 6)]
+)
+def test_pipe_dynamic_shapes(schedule, model, m):
+    p, seqs = 3, (SEQ, 4, 8)
+    n = 2 * p if schedule in CHUNKED else p
+    chains = split_stages(build_blocks(model, 2 * p), n)
+    pipe = ppfast.Pipe(
+        chains, ["cpu"] * p, chunks=m, schedule=schedule, loss_fn=loss_fn_of(model),
+        timeout=30, dynamic_shapes=True,
+    )  # fmt: skip
+    opt = make_optimizer([q for c in chains for q in c.parameters()])
+    stages = dict(enumerate(chains))
+    got = {"losses": [], "outputs": [], "grads": []}
+    for k, seq in enumerate(seqs):
+        inputs, target = batch(model, m, k, seq=seq)
+        opt.zero_grad()
+        losses: list = []
+        got["outputs"].append(pipe.step(*inputs, target=target, losses=losses))
+        got["losses"].append([float(x) for x in losses])
+        got["grads"].append(stage_state(stages, "grad"))
+        opt.step()
+    got["params"] = stage_state(stages, "param")
+    want = reference(model, 2 * p, m, n, seqs=seqs)
+    assert_matches(got, want, RTOL, ATOL, outputs=model != "two-stream")
+
+
+class Raises(torch.nn.Module):
+    def forward(self, x):
+        raise RuntimeError("raised by the middle stage on purpose")
+
+
+def test_pipe_failures_raise_the_cause_at_once():
+    # a failing rank aborts the others: nobody waits out the (long) timeout
+    timeout = 60.0
+    chains = split_stages(build_blocks("transformer", 3), 3)
+    (x,), y = batch("transformer", 3, 0)
+    (x4,), y4 = batch("transformer", 3, 1, seq=4)
+    pipe = ppfast.Pipe(chains, ["cpu"] * 3, chunks=3, loss_fn=mse_loss, timeout=timeout)
+    pipe.step(x, target=y)
+    cases = [
+        (pipe, x4, y4, ValueError, "dynamic_shapes=True"),
+        (
+            ppfast.Pipe(chains, ["cpu"] * 3, chunks=3, loss_fn=lambda o, t: o - t, timeout=timeout),
+            x,
+            y,
+            ValueError,
+            "scalar",
+        ),
+        (
+            ppfast.Pipe([chains[0], Raises(), chains[2]], ["cpu"] * 3, chunks=3,
+                        loss_fn=mse_loss, timeout=timeout),
+            x,
+            y,
+            RuntimeError,
+            "on purpose",
+        ),
+    ]  # fmt: skip
+    for pipe, inputs, target, error, words in cases:
+        t0 = time.monotonic()
+        with pytest.raises(error, match=words):
+            pipe.step(inputs, target=target)
+        assert time.monotonic() - t0 < timeout / 2
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Pipe.step aborts the in-process hub for any rank's error, even one raised before "
+    "anything was sent (a batch that does not split into chunks), and the hub stays aborted, "
+    "so every later step fails with PipelineCommError",
+)
+def test_pipe_usable_after_a_rejected_batch():
+    chains = split_stages(build_blocks("mlp", 2), 2)
+    pipe = ppfast.Pipe(chains, ["cpu"] * 2, chunks=4, loss_fn=mse_loss, timeout=10)
+    (x,), y = batch("mlp", 3, 0)  # 6 samples do not split into 4 microbatches
+    with pytest.raises(ValueError, match="n_microbatches=4"):
+        pipe.step(x, target=y)
+    (x,), y = batch("mlp", 4, 0)
+    losses: list = []
+    pipe.step(x, target=y, losses=losses)
+    assert len(losses) == 4

@@ -75,6 +75,9 @@ def early_errors(rank: int, p: int) -> dict:
     (x,), y = batch("mlp", 3, 0)  # 6 samples: not 4 microbatches
     sched = ppfast.Schedule1F1B(mlp_stages(2, [rank])[0], 4, mse_loss, timeout=5)
     out["indivisible"] = attempt(one_step(sched, rank, [rank], 2, (x,), y))
+    # the same schedule then takes a batch that does split
+    (x,), y = batch("mlp", 4, 0)
+    out["retry"] = attempt(one_step(sched, rank, [rank], 2, (x,), y))
 
     (x,), y = batch("mlp", 2, 0)
     # 3 stages on 2 ranks, one each: stage 2 has no rank
@@ -126,6 +129,7 @@ def test_batch_that_does_not_split_into_microbatches(early):
         # the first stage's rank sees the inputs, the last stage's rank the target
         assert got["value_error"] and not got["comm"], (rank, got)
         assert "n_microbatches=4" in got["message"], got["message"]
+        assert res["retry"]["type"] is None, (rank, res["retry"])
 
 
 @pytest.mark.parametrize(
