@@ -1,6 +1,7 @@
 // Python bindings of ppfast._C.
 #include <torch/extension.h>
 
+#include "cuda/bindings.h"
 #include "engine.h"
 #include "runtime/bindings_runtime.h"
 
@@ -127,4 +128,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("ranks"), py::arg("cost"),
         "Insert SEND/RECV; returns (encoded, sources, comms, timing), each per rank.");
   ppfast::register_runtime(m);
+  ppfast::cuda::register_cuda(m);
 }

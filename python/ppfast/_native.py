@@ -1,15 +1,15 @@
 """Loads the native module ppfast._C, or says how to build it."""
 
+import importlib
+
 import torch  # noqa: F401  (loads libc10/libtorch that _C links against)
 
 try:
-    from . import _C  # noqa: F401
+    C = importlib.import_module("ppfast._C")
 except ImportError as e:  # pragma: no cover - exercised by the install check in tests
     raise ImportError(
         "ppfast's native module ppfast._C is not built. From the ppfast source folder run\n"
         "    pip install --no-build-isolation -e .\n"
-        "(this needs torch, ninja and a C++17 compiler; set PPFAST_CUDA=0 to skip the CUDA "
+        "(this needs torch, ninja and a C++20 compiler; set PPFAST_CUDA=0 to skip the CUDA "
         f"parts). Import error was: {e}"
     ) from e
-
-C = _C
