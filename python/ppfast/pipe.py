@@ -11,7 +11,7 @@ from torch import nn
 from ._native import C
 from .errors import PipelineCommError
 from .ir import Program
-from .pipeline import PipelineSchedule
+from .pipeline import PipelineSchedule, split_microbatches
 from .schedules import lookup
 from .stage import PipelineStage
 
@@ -47,6 +47,7 @@ class Pipe:
             raise ValueError(f"{len(modules)} stage modules do not share out over {p} devices")
         name = lookup(schedule).name if program is None else "program"
         self.hub = C.Hub(p)
+        self.chunks = chunks
         self.modules = modules
         self.schedules: list[PipelineSchedule] = []
         placement = self._placement(name, p, len(modules), program)
@@ -92,8 +93,20 @@ class Pipe:
 
         return loop_placement(p, v)
 
+    def _fresh_transport(self) -> None:
+        """A failed step leaves the hub aborted and the executors broken: start both anew (the
+        next step agrees shapes again)."""
+        self.hub = C.Hub(len(self.schedules))
+        for r, sched in enumerate(self.schedules):
+            sched._transport = C.InProcessTransport(self.hub, r)
+            sched._runner = None
+
     def step(self, *args, target=None, losses: list | None = None, **kwargs):
         """One training step; returns the last stage's outputs (concatenated)."""
+        # a batch that does not split is refused here, before any rank starts
+        split_microbatches(args, kwargs, self.chunks)
+        if target is not None:
+            split_microbatches((target,), {}, self.chunks)
         results: list = [None] * len(self.schedules)
         errors: list[BaseException | None] = [None] * len(self.schedules)
 
@@ -120,6 +133,7 @@ class Pipe:
             t.join()
         failed = [e for e in errors if e is not None]
         if failed:
+            self._fresh_transport()
             # a rank that failed on its own explains the others, which only saw it go
             root = [e for e in failed if not isinstance(e, PipelineCommError)] or failed
             raise root[0]
