@@ -123,7 +123,8 @@ def rank_main(rank: int, p: int, port: int, args, queue) -> None:
 
     def limit():
         for xb in xm:
-            out = own(xb)
+            # every rank but the first also computes the gradient of its input, as in a pipeline
+            out = own(xb.requires_grad_(rank > 0))
             out.square().mean().backward()
 
     whole = nn.Sequential(*[copy.deepcopy(b) for b in blocks])
