@@ -66,12 +66,15 @@ def stages_for(name: str, p: int, m: int, rank: int) -> tuple[list[int], int]:
     return prog.stages_of(rank), prog.num_stages
 
 
-def build(runtime: str, name: str, blocks, p, m, rank, loss_fn):
+def build(runtime: str, name: str, blocks, p, m, rank, loss_fn, convert=True):
     mine, n = stages_for(name, p, m, rank)
     mods = split([copy.deepcopy(b) for b in blocks], n)
     if runtime == "ppfast":
         import ppfast
 
+        if convert:
+            # ppfast's split layers: weight gradients wait for the schedule's W
+            mods = [ppfast.nn.convert(md) for md in mods]
         stages = [ppfast.PipelineStage(mods[s], s, n, "cpu") for s in mine]
         cls = {
             "gpipe": ppfast.ScheduleGPipe,
@@ -113,7 +116,13 @@ def rank_main(rank: int, p: int, port: int, args, queue) -> None:
             if runtime == "torch" and PAIRS[name] is None:
                 continue
             try:
-                configs.append((runtime, name, *build(runtime, name, blocks, p, m, rank, loss_fn)))
+                configs.append(
+                    (
+                        runtime,
+                        name,
+                        *build(runtime, name, blocks, p, m, rank, loss_fn, args.convert),
+                    )
+                )
             except Exception as e:  # noqa: BLE001 - a schedule a runtime cannot build is skipped
                 if rank == 0:
                     print(f"skipping {runtime} {name}: {type(e).__name__}: {e}", flush=True)
@@ -196,6 +205,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--schedules", default=",".join(PAIRS))
+    ap.add_argument(
+        "--no-convert",
+        dest="convert",
+        action="store_false",
+        help="keep nn.Linear on ppfast's side (no deferred weight gradients)",
+    )
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "schedules.json"))
     args = ap.parse_args()
     with socket.socket() as s:
@@ -217,7 +232,7 @@ def main() -> None:
     rows = []
     print(f"\n{machine()}; {p} gloo ranks x 1 thread; {args.depth} x [Linear({args.width}, "
           f"{args.width}) + GELU], batch {args.batch}, m = {args.microbatches}; medians of "
-          f"{args.rounds} rounds")  # fmt: skip
+          f"{args.rounds} rounds; ppfast.nn.Linear: {'yes' if args.convert else 'no'}")  # fmt: skip
     print(f"T_limit {med['limit'] * 1e3:.1f} ms, T_one_device {med['one_device'] * 1e3:.1f} ms\n")
     print(f"{'schedule':18s} {'runtime':8s} {'step ms':>8s} {'eta':>6s} {'E':>6s} {'vs torch':>9s}")
     for name in PAIRS:

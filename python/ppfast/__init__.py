@@ -1,5 +1,6 @@
 """ppfast: a pipeline-parallel training runtime for PyTorch."""
 
+from . import nn
 from ._native import C as _C  # noqa: F401  (raises with build instructions when missing)
 from .errors import PipelineCommError
 from .ir import Action, Kind, Program, loop_placement, parse_action, v_placement
@@ -48,6 +49,7 @@ __all__ = [
     "from_pipeline_order",
     "generate",
     "loop_placement",
+    "nn",
     "lower",
     "parse_action",
     "read_csv",

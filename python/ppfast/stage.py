@@ -7,6 +7,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from .nn.linear import attach_store
+from .nn.weight_grad_store import WeightGradStore
+
 
 def _as_tensor_tuple(out: object, stage: int) -> tuple[torch.Tensor, ...]:
     if isinstance(out, torch.Tensor):
@@ -52,6 +55,9 @@ class PipelineStage:
         self.device = torch.device(device) if device is not None else _module_device(module)
         self.group = group
         self.dynamic_shapes = dynamic_shapes
+        # split layers (ppfast.nn.Linear) queue their weight gradients here for the W actions
+        self.weight_store = WeightGradStore(f"stage {stage_index}")
+        self.split_layers = attach_store(module, self.weight_store)
         self._reset(0)
         self.loss_fn: Callable | None = None
         self.scale = 1.0
@@ -89,9 +95,11 @@ class PipelineStage:
         return [self._losses[i] for i in sorted(self._losses)]
 
     def check_clean(self) -> None:
-        """Every microbatch's tensors were dropped by its last backward."""
+        """Every microbatch's tensors were dropped by its last backward, and every deferred
+        weight gradient was computed."""
         left = sorted(set(self._inputs) | set(self._outputs))
         assert not left, f"stage {self.stage_index} still holds microbatches {left} after the step"
+        self.weight_store.check_empty()
 
     # ------------------------------------------------------------------ compute
 
@@ -150,8 +158,12 @@ class PipelineStage:
         self._outputs[mb] = (loss * self.scale,)
 
     def backward(self, mb: int, grads: Sequence[torch.Tensor] | None, full: bool):
-        """Input gradients now; weight gradients too (every layer here computes them in I,
-        so a W for this stage has nothing left to do)."""
+        """Input gradients now. For an I (``full`` False) split layers leave their weight
+        gradients to this microbatch's W; every other layer computes them here."""
+        with self.weight_store.backward(mb, defer=not full):
+            return self._backward(mb, grads)
+
+    def _backward(self, mb: int, grads: Sequence[torch.Tensor] | None):
         outs = self._outputs.pop(mb)
         if self.is_last:
             torch.autograd.backward(outs[0])
@@ -177,7 +189,8 @@ class PipelineStage:
         ]
 
     def weight(self, mb: int) -> None:
-        return None
+        """The W action: the weight gradients this microbatch's I deferred."""
+        self.weight_store.flush(mb)
 
 
 def _module_device(module: nn.Module) -> torch.device:

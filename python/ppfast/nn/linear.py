@@ -1,0 +1,115 @@
+"""ppfast.nn.Linear: torch.nn.Linear whose weight gradients can wait for the schedule's W."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .weight_grad_store import WeightGradStore
+
+
+def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
+    """Add ``grad`` into the parameter's fp32 ``main_grad`` when it has one (mixed-precision
+    optimizers keep it), else into ``.grad``, in place."""
+    main = getattr(param, "main_grad", None)
+    if main is not None:
+        main.add_(grad)
+    elif param.grad is None:
+        param.grad = grad.to(param.dtype)
+    else:
+        param.grad.add_(grad)
+
+
+def weight_grad_work(x: torch.Tensor, dy: torch.Tensor, weight, bias) -> None:
+    """dW += dYᵀX and db += Σ dY, over all leading dimensions (tokens), accumulating in fp32
+    when the parameter keeps an fp32 main grad."""
+    x2 = x.reshape(-1, x.shape[-1])
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    if weight.requires_grad:
+        main = getattr(weight, "main_grad", None)
+        if main is not None and main.dtype == torch.float32:
+            # accumulate straight into the fp32 buffer: no low-precision dW is materialised
+            main.addmm_(dy2.t().float(), x2.float())
+        else:
+            _accumulate(weight, dy2.t().mm(x2))
+    if bias is not None and bias.requires_grad:
+        _accumulate(bias, dy2.sum(0, dtype=torch.float32 if dy2.dtype != torch.float64 else None))
+
+
+class _SplitLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer):
+        ctx.save_for_backward(x, weight)
+        ctx.layer = layer
+        ctx.has_bias = bias is not None
+        return nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        layer = ctx.layer
+        dx = dy.matmul(weight.to(dy.dtype)) if ctx.needs_input_grad[0] else None
+        store: WeightGradStore | None = layer.weight_store
+        if store is None or not store.deferring:
+            # no W will come for this backward: let autograd accumulate (and fire hooks) now
+            dy2 = dy.reshape(-1, dy.shape[-1])
+            x2 = x.reshape(-1, x.shape[-1])
+            dw = dy2.t().mm(x2.to(dy2.dtype)) if ctx.needs_input_grad[1] else None
+            db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+            return dx, dw, db, None
+        bias = layer.bias if ctx.has_bias else None
+        store.put(layer.label, lambda: weight_grad_work(x, dy, layer.weight, bias))
+        return dx, None, None, None
+
+
+class Linear(nn.Linear):
+    """Drop-in for ``torch.nn.Linear`` (same constructor, parameters and state_dict).
+
+    Its backward computes the input gradient at once. Inside a pipeline stage whose schedule
+    splits the backward, the weight-gradient work (dW += dYᵀX, db += ΣdY) waits in the stage's
+    :class:`WeightGradStore` for the W action; elsewhere (plain training, a schedule without W)
+    it runs in the same backward, as nn.Linear's does. A parameter with a ``main_grad``
+    attribute (an fp32 buffer) receives deferred gradients there instead of in ``.grad``.
+    """
+
+    weight_store: WeightGradStore | None = None
+    label: str = "Linear"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_store is None or not torch.is_grad_enabled():
+            return super().forward(x)
+        weight, bias = self.weight, self.bias
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+            with torch.autocast(x.device.type, enabled=False):
+                return _SplitLinear.apply(x, weight, bias, self)
+        return _SplitLinear.apply(x, weight, bias, self)
+
+
+def convert(module: nn.Module, exclude=()) -> nn.Module:
+    """Turn every ``torch.nn.Linear`` in ``module`` into :class:`Linear`, in place.
+
+    Parameters, device, dtype, hooks and state_dict keys are kept (the layer's class changes,
+    nothing is copied). ``exclude`` names layers (qualified names as in ``named_modules``) or
+    gives a predicate ``(name, layer) -> bool`` for layers to leave alone. Subclasses of
+    nn.Linear that are used through their weights rather than their forward (such as
+    MultiheadAttention's ``out_proj``) are left alone. Returns ``module``.
+    """
+    skip = exclude if callable(exclude) else (lambda name, _m, names=set(exclude): name in names)
+    for name, m in module.named_modules():
+        if type(m) is nn.Linear and not skip(name, m):
+            m.__class__ = Linear
+            m.label = f"Linear {name}" if name else "Linear"
+    return module
+
+
+def attach_store(module: nn.Module, store: WeightGradStore) -> int:
+    """Give every split layer in ``module`` this stage's store; returns how many there are."""
+    n = 0
+    for m in module.modules():
+        if isinstance(m, Linear):
+            m.weight_store = store
+            n += 1
+    return n
