@@ -14,7 +14,7 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 export MAX_JOBS=${MAX_JOBS:-2}
 # ruff is pinned because its lint rules and formatting change between releases.
 DEPS=(setuptools wheel ninja numpy pytest pytest-timeout "ruff==0.17.6" matplotlib pybind11
-      cmake)
+      cmake "triton>=3.6")
 
 step() { printf '\n==> %s (%ds)\n' "$*" "$SECONDS"; }
 
