@@ -8,32 +8,29 @@ from torch import nn
 from .weight_grad_store import WeightGradStore
 
 
-def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
-    """Add ``grad`` into the parameter's fp32 ``main_grad`` when it has one (mixed-precision
-    optimizers keep it), else into ``.grad``, in place."""
+def _grad_buffer(param: torch.Tensor) -> torch.Tensor:
+    """Where a deferred gradient goes: the fp32 ``main_grad`` a mixed-precision optimizer keeps,
+    else ``.grad`` (created as zeros on first use, since the kernel adds into it)."""
     main = getattr(param, "main_grad", None)
     if main is not None:
-        main.add_(grad)
-    elif param.grad is None:
-        param.grad = grad.to(param.dtype)
-    else:
-        param.grad.add_(grad)
+        return main
+    if param.grad is None:
+        param.grad = torch.zeros_like(param)
+    return param.grad
 
 
 def weight_grad_work(x: torch.Tensor, dy: torch.Tensor, weight, bias) -> None:
-    """dW += dYᵀX and db += Σ dY, over all leading dimensions (tokens), accumulating in fp32
-    when the parameter keeps an fp32 main grad."""
-    x2 = x.reshape(-1, x.shape[-1])
-    dy2 = dy.reshape(-1, dy.shape[-1])
+    """dW += dYᵀX and db += Σ dY over all leading dimensions, in one pass over dY, summed in
+    fp32 (ppfast.kernels.weight_grad: Triton on a GPU, accumulate-in-place torch ops on CPU)."""
+    # imported on first use: Triton is heavy to import and settles its mode when it is
+    from ppfast.kernels.weight_grad import weight_grad
+
+    dy = dy.to(x.dtype)
     if weight.requires_grad:
-        main = getattr(weight, "main_grad", None)
-        if main is not None and main.dtype == torch.float32:
-            # accumulate straight into the fp32 buffer: no low-precision dW is materialised
-            main.addmm_(dy2.t().float(), x2.float())
-        else:
-            _accumulate(weight, dy2.t().mm(x2))
-    if bias is not None and bias.requires_grad:
-        _accumulate(bias, dy2.sum(0, dtype=torch.float32 if dy2.dtype != torch.float64 else None))
+        db = _grad_buffer(bias) if bias is not None and bias.requires_grad else None
+        weight_grad(x, dy, _grad_buffer(weight), db, accumulate=True)
+    elif bias is not None and bias.requires_grad:
+        _grad_buffer(bias).add_(dy.reshape(-1, dy.shape[-1]).sum(0, dtype=torch.float32))
 
 
 class _SplitLinear(torch.autograd.Function):
