@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ._native import C
-from .ir import Program
+from .ir import Kind, Program
 from .runtime import RankRunner, StepMetrics
 from .schedules import generate, lookup
 from .stage import PipelineStage
@@ -148,6 +148,12 @@ class PipelineSchedule:
                 f"rank {rank} holds stages {want} in this schedule's placement, but was given "
                 f"stages {mine}; build the stages that rank {rank} runs"
             )
+        split = {
+            x.stage for acts in program.ranks for a in acts for x in a.parts() if x.kind is Kind.W
+        }
+        for s in self.stages:
+            # a schedule without W for this stage gains nothing from deferring: plain autograd
+            s.weight_store.enabled = s.stage_index in split
         self._runner = RankRunner(
             program,
             rank,

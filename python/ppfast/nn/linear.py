@@ -73,7 +73,8 @@ class Linear(nn.Linear):
     label: str = "Linear"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight_store is None or not torch.is_grad_enabled():
+        store = self.weight_store
+        if store is None or not store.enabled or not torch.is_grad_enabled():
             return super().forward(x)
         weight, bias = self.weight, self.bias
         if torch.is_autocast_enabled(x.device.type):

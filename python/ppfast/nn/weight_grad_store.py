@@ -14,8 +14,10 @@ class WeightGradStore:
     stage has its own store; nothing here is shared between stages or processes.
     """
 
-    def __init__(self, name: str = "stage"):
+    def __init__(self, name: str = "stage", enabled: bool = True):
         self.name = name
+        # False when the stage's schedule has no W: split layers then run as plain nn.Linear
+        self.enabled = enabled
         self._pending: dict[int, list[tuple[str, Callable[[], None]]]] = {}
         self._opened: set[int] = set()  # microbatches whose I deferred work to a W
         self._mb: int | None = None
