@@ -12,50 +12,21 @@ own unfused sequence (mm, then the activation's backward op).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the CPU-only install runs the PyTorch path
-    triton = None
-    tl = None
+from ._triton import (
+    INTERPRET,
+    KERNEL_DTYPES,
+    REFERENCE_DTYPES,
+    SMEM_BYTES,
+    fp32_dot_precision,
+    rtne_bf16,
+    tl,
+    triton,
+    triton_runs_on,
+)
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# the reference also takes float64, so tests can use it as the exact answer
-REFERENCE_DTYPES = (*KERNEL_DTYPES, torch.float64)
-
-
-def _interpreting() -> bool:
-    # Triton makes a kernel interpreted or compiled when `triton.jit` decorates it, which is
-    # when this module is imported; the choice made here must be the one the decorators saw.
-    if triton is None:
-        return False
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-# Fixed at import, like the decorated kernels themselves (never reassigned).
-INTERPRET = _interpreting()
-
-
-def _fp32_dot_precision() -> str:
-    """TF32 or IEEE for fp32 inputs: whatever torch.mm would use on CUDA right now."""
-    # torch keeps a new setting (fp32_precision) and a legacy one (allow_tf32); once the new
-    # one is set, reading the legacy one raises, and "none" means only the legacy one speaks.
-    m = torch.backends.cuda.matmul
-    prec = getattr(m, "fp32_precision", "none")
-    if prec in ("tf32", "ieee"):
-        return prec
-    return "tf32" if m.allow_tf32 else "ieee"
-
-
-_SMEM_BYTES = 220 * 1024  # Hopper has 227 KiB of shared memory per block; keep some slack
 
 
 def _hopper_configs():
@@ -100,7 +71,7 @@ def _prune_configs(configs, named_args, **kwargs):
         c
         for c in configs
         if c.num_stages * c.kwargs["BLOCK_N"] * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_K"]) * elt
-        <= _SMEM_BYTES
+        <= SMEM_BYTES
     ]
     small = [
         c for c in fits if c.kwargs["BLOCK_M"] <= max(64, m) and c.kwargs["BLOCK_K"] <= max(64, k)
@@ -109,15 +80,6 @@ def _prune_configs(configs, named_args, **kwargs):
 
 
 if triton is not None:
-
-    @triton.jit
-    def _rtne_bf16(v):
-        # fp32 -> the nearest bf16, ties to even, still held in fp32. The interpreter converts
-        # fp32 to bf16 by truncation (a GPU rounds to nearest), which would double the
-        # rounding error the tests measure; after this the truncation is exact.
-        bits = v.to(tl.uint32, bitcast=True)
-        bits += 0x7FFF + ((bits >> 16) & 1)
-        return (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _times_act_grad(g, z, ACT: tl.constexpr):
@@ -164,7 +126,7 @@ if triton is not None:
             z = tl.load(z_ptr + rows * stride_zm + offs_k[None, :] * stride_zk, mask=ok, other=0.0)
             acc = _times_act_grad(acc, z.to(tl.float32), ACT)
         if EMULATE_RTNE and dx_ptr.dtype.element_ty == tl.bfloat16:
-            acc = _rtne_bf16(acc)
+            acc = rtne_bf16(acc)
         dx_ptrs = dx_ptr + rows * stride_dxm + offs_k[None, :] * stride_dxk
         tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=ok)
 
@@ -291,13 +253,6 @@ def _check(dy, weight, act, preact, dtypes=KERNEL_DTYPES):
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
 
 
-def triton_runs_on(device: torch.device) -> bool:
-    """Whether `input_grad(..., backend="auto")` runs the Triton kernel for tensors on `device`."""
-    if triton is None:
-        return False
-    return INTERPRET or torch.device(device).type == "cuda"
-
-
 def input_grad(
     dy: torch.Tensor,
     weight: torch.Tensor,
@@ -352,7 +307,7 @@ def input_grad(
         ACT=act or "none",
         DOT_UPCAST=INTERPRET and dy.dtype == torch.bfloat16,
         EMULATE_RTNE=INTERPRET,
-        PRECISION=_fp32_dot_precision(),
+        PRECISION=fp32_dot_precision(),
     )  # fmt: skip
     return dx.reshape(*dy.shape[:-1], k)
 

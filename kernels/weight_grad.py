@@ -15,48 +15,19 @@ same in PyTorch.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the CPU-only install runs the PyTorch path
-    triton = None
-    tl = None
-
-
-def _interpreting() -> bool:
-    # Triton makes a kernel interpreted or compiled when `triton.jit` decorates it, which is
-    # when this module is imported; the choice made here must be the one the decorators saw.
-    if triton is None:
-        return False
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-# Fixed at import, like the decorated kernels themselves (never reassigned).
-INTERPRET = _interpreting()
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# the reference also takes float64, so tests can use it as the exact answer
-REFERENCE_DTYPES = (*KERNEL_DTYPES, torch.float64)
-
-
-def _fp32_dot_precision() -> str:
-    """TF32 or IEEE for fp32 inputs: whatever torch.mm would use on CUDA right now."""
-    # torch keeps a new setting (fp32_precision) and a legacy one (allow_tf32); once the new
-    # one is set, reading the legacy one raises, and "none" means only the legacy one speaks.
-    m = torch.backends.cuda.matmul
-    prec = getattr(m, "fp32_precision", "none")
-    if prec in ("tf32", "ieee"):
-        return prec
-    return "tf32" if m.allow_tf32 else "ieee"
-
-
-_SMEM_BYTES = 220 * 1024  # Hopper has 227 KiB of shared memory per block; keep some slack
+from ._triton import (
+    INTERPRET,
+    KERNEL_DTYPES,
+    REFERENCE_DTYPES,
+    SMEM_BYTES,
+    fp32_dot_precision,
+    rtne_bf16,
+    tl,
+    triton,
+    triton_runs_on,
+)
 
 
 def _hopper_configs():
@@ -103,7 +74,7 @@ def _prune_configs(configs, named_args, **kwargs):
         c
         for c in configs
         if c.num_stages * c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_K"]) * elt
-        <= _SMEM_BYTES
+        <= SMEM_BYTES
     ]
     small = [
         c for c in fits if c.kwargs["BLOCK_N"] <= max(64, n) and c.kwargs["BLOCK_K"] <= max(64, k)
@@ -112,15 +83,6 @@ def _prune_configs(configs, named_args, **kwargs):
 
 
 if triton is not None:
-
-    @triton.jit
-    def _rtne_bf16(v):
-        # fp32 -> the nearest bf16, ties to even, still held in fp32. The interpreter converts
-        # fp32 to bf16 by truncation (a GPU rounds to nearest), which would double the
-        # rounding error the tests measure; after this the truncation is exact.
-        bits = v.to(tl.uint32, bitcast=True)
-        bits += 0x7FFF + ((bits >> 16) & 1)
-        return (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _weight_grad_kernel(
@@ -204,14 +166,14 @@ if triton is not None:
             x_ptrs += BLOCK_M * stride_xm
 
         if EMULATE_RTNE and dw_ptr.dtype.element_ty == tl.bfloat16:
-            acc = _rtne_bf16(acc)
+            acc = rtne_bf16(acc)
         tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=dw_ok)
         if HAS_BIAS and pid_k == 0:
             db_ptrs = db_ptr + offs_n * stride_db
             if ACCUMULATE:
                 db += tl.load(db_ptrs, mask=n_ok, other=0.0).to(tl.float32)
             if EMULATE_RTNE and db_ptr.dtype.element_ty == tl.bfloat16:
-                db = _rtne_bf16(db)
+                db = rtne_bf16(db)
             tl.store(db_ptrs, db.to(db_ptr.dtype.element_ty), mask=n_ok)
 
     _weight_grad_tuned = triton.autotune(
@@ -262,13 +224,6 @@ def _check(x2, dy2, dw, db, dtypes=KERNEL_DTYPES):
     devices = {t.device for t in (x2, dy2, dw, db) if t is not None}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-
-
-def triton_runs_on(device: torch.device) -> bool:
-    """Whether `weight_grad(..., backend="auto")` runs the Triton kernel for tensors on `device`."""
-    if triton is None:
-        return False
-    return INTERPRET or torch.device(device).type == "cuda"
 
 
 def weight_grad(
@@ -329,7 +284,7 @@ def weight_grad(
         ACCUMULATE=accumulate,
         DOT_UPCAST=INTERPRET and x2.dtype == torch.bfloat16,
         EMULATE_RTNE=INTERPRET,
-        PRECISION=_fp32_dot_precision(),
+        PRECISION=fp32_dot_precision(),
     )  # fmt: skip
     return weight_grad_out, bias_grad_out
 

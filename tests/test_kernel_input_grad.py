@@ -61,7 +61,7 @@ def _fp32_bound(dy, w, act, device) -> torch.Tensor:
     gamma = (n + 1) * U32 / (1 - (n + 1) * U32)
     smooth = act in ("gelu", "gelu_tanh", "silu")
     a, c = (1.2, 32) if smooth else (1.0, 0)
-    tf32 = device == "cuda" and ig._fp32_dot_precision() == "tf32"
+    tf32 = device == "cuda" and ig.fp32_dot_precision() == "tf32"
     scale = dy.double().abs() @ w.double().abs()
     return (a * (gamma + (2 * 2.0**-11 if tf32 else 0.0)) + c * U32) * scale
 

@@ -61,7 +61,7 @@ def _gamma(n: int) -> float:
 
 
 def _fp32_bound(dy, x, old, device) -> torch.Tensor:
-    tf32 = device == "cuda" and wg._fp32_dot_precision() == "tf32"
+    tf32 = device == "cuda" and wg.fp32_dot_precision() == "tf32"
     scale = dy.double().abs().t() @ x.double().abs()
     if old is not None:
         scale = scale + old.double().abs()

@@ -26,9 +26,12 @@ def weight_grad_work(x: torch.Tensor, dy: torch.Tensor, weight, bias) -> None:
     from ppfast.kernels.weight_grad import weight_grad
 
     dy = dy.to(x.dtype)
+    # the kernel on a GPU; on CPU the accumulate-in-place torch ops (never Triton's interpreter,
+    # which a test process may have switched on)
+    backend = "auto" if x.is_cuda else "torch"
     if weight.requires_grad:
         db = _grad_buffer(bias) if bias is not None and bias.requires_grad else None
-        weight_grad(x, dy, _grad_buffer(weight), db, accumulate=True)
+        weight_grad(x, dy, _grad_buffer(weight), db, accumulate=True, backend=backend)
     elif bias is not None and bias.requires_grad:
         _grad_buffer(bias).add_(dy.reshape(-1, dy.shape[-1]).sum(0, dtype=torch.float32))
 

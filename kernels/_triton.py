@@ -1,0 +1,66 @@
+"""What both kernels share: Triton (when installed), its mode, dtypes, and small helpers."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU-only install runs the PyTorch path
+    triton = None
+    tl = None
+
+
+def _interpreting() -> bool:
+    # Triton makes a kernel interpreted or compiled when `triton.jit` decorates it, which is
+    # when the kernel modules are imported; the choice made here must be the one the
+    # decorators saw.
+    if triton is None:
+        return False
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+# Fixed at import, like the decorated kernels themselves (never reassigned).
+INTERPRET = _interpreting()
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# the references also take float64, so tests can use them as the exact answer
+REFERENCE_DTYPES = (*KERNEL_DTYPES, torch.float64)
+SMEM_BYTES = 220 * 1024  # Hopper has 227 KiB of shared memory per block; keep some slack
+
+
+def fp32_dot_precision() -> str:
+    """TF32 or IEEE for fp32 inputs: whatever torch.mm would use on CUDA right now."""
+    # torch keeps a new setting (fp32_precision) and a legacy one (allow_tf32); once the new
+    # one is set, reading the legacy one raises, and "none" means only the legacy one speaks.
+    m = torch.backends.cuda.matmul
+    prec = getattr(m, "fp32_precision", "none")
+    if prec in ("tf32", "ieee"):
+        return prec
+    return "tf32" if m.allow_tf32 else "ieee"
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether the kernels' ``backend="auto"`` runs Triton for tensors on ``device``."""
+    if triton is None:
+        return False
+    return INTERPRET or torch.device(device).type == "cuda"
+
+
+rtne_bf16 = None  # a Triton function where Triton is installed
+
+if triton is not None:
+
+    @triton.jit
+    def rtne_bf16(v):
+        # fp32 -> the nearest bf16, ties to even, still held in fp32. The interpreter converts
+        # fp32 to bf16 by truncation (a GPU rounds to nearest), which would double the
+        # rounding error the tests measure; after this the truncation is exact.
+        bits = v.to(tl.uint32, bitcast=True)
+        bits += 0x7FFF + ((bits >> 16) & 1)
+        return (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
