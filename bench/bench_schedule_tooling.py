@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 import warnings
 from pathlib import Path
+
+from machine import describe
 
 from ppfast.ir import gc_paused
 from ppfast.schedules import generate
@@ -69,18 +69,6 @@ def time_torch(name: str, p: int, m: int, v: int) -> dict:
     return {"generate_s": t1 - t0, "lower_s": (t2 - t1) - (t1 - t0), "total_s": t2 - t0}
 
 
-def machine() -> str:
-    model = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-p", type=int, default=64)
@@ -99,7 +87,7 @@ def main() -> None:
     args = ap.parse_args()
     names = args.schedules.split(",")
     results: dict = {
-        "machine": machine(),
+        "machine": describe(),
         "repeats": args.repeats,
         "large": {},
         "side_by_side": [],

@@ -22,7 +22,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import socket
 import statistics
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from machine import describe
 from torch import nn
 
 # ppfast schedule name -> torch class name (None: torch has no such schedule)
@@ -184,18 +184,6 @@ def rank_main(rank: int, p: int, port: int, args, queue) -> None:
     dist.destroy_process_group()
 
 
-def machine() -> str:
-    model = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", type=int, default=2)
@@ -230,7 +218,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     p = args.ranks
     rows = []
-    print(f"\n{machine()}; {p} gloo ranks x 1 thread; {args.depth} x [Linear({args.width}, "
+    print(f"\n{describe()}; {p} gloo ranks x 1 thread; {args.depth} x [Linear({args.width}, "
           f"{args.width}) + GELU], batch {args.batch}, m = {args.microbatches}; medians of "
           f"{args.rounds} rounds; ppfast.nn.Linear: {'yes' if args.convert else 'no'}")  # fmt: skip
     print(f"T_limit {med['limit'] * 1e3:.1f} ms, T_one_device {med['one_device'] * 1e3:.1f} ms\n")
@@ -261,7 +249,7 @@ def main() -> None:
     out.write_text(
         json.dumps(
             {
-                "machine": machine(),
+                "machine": describe(),
                 "setup": vars(args),
                 "T_limit_s": med["limit"],
                 "T_one_device_s": med["one_device"],
