@@ -250,7 +250,7 @@ def main() -> None:
         json.dumps(
             {
                 "machine": describe(),
-                "setup": vars(args),
+                "setup": {k: v for k, v in vars(args).items() if k != "out"},
                 "T_limit_s": med["limit"],
                 "T_one_device_s": med["one_device"],
                 "rows": rows,

@@ -52,6 +52,53 @@ def triton_runs_on(device: torch.device) -> bool:
     return INTERPRET or torch.device(device).type == "cuda"
 
 
+# Output tiles (rows, cols), reduction step, num_warps, num_stages, tuned for Hopper. Large
+# 128×256 tiles with 8 warps keep wgmma busy on the big projection shapes; the 64- and
+# 128-wide ones are for layers with fewer output tiles than SMs. 128-wide tiles with 4 warps
+# are left out: with an fp32 accumulator seeded from a main grad, or an activation's epilogue,
+# they spill registers (ptxas -v, sm_90a).
+HOPPER_TILES = (
+    (128, 256, 64, 8, 3),
+    (128, 256, 64, 8, 4),
+    (256, 128, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (128, 128, 128, 8, 3),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 3),
+)
+
+
+def tile_configs(rows: str, cols: str, step: str, group: str, interpreter_tile: tuple) -> list:
+    """Autotuning configs for a kernel whose output tiles are ``rows`` × ``cols`` (the names of
+    its block-size arguments) and whose reduction advances by ``step``.
+
+    Under the interpreter (numpy, one program at a time) there is one small tile,
+    ``interpreter_tile`` = (rows, cols, step), small enough that the test shapes span several
+    tiles on every axis, ragged edges included.
+    """
+    if INTERPRET:
+        r, c, k = interpreter_tile
+        return [triton.Config({rows: r, cols: c, step: k, group: 2}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({rows: r, cols: c, step: k, group: 8}, num_warps=w, num_stages=st)
+        for r, c, k, w, st in HOPPER_TILES
+    ]
+
+
+def prune_tiles(configs, elt: int, rows: str, cols: str, step: str, n_rows: int, n_cols: int):
+    """Drop tiles that overflow shared memory (fp32 takes twice bf16's) or dwarf the problem."""
+    fits = [
+        c
+        for c in configs
+        if c.num_stages * c.kwargs[step] * (c.kwargs[rows] + c.kwargs[cols]) * elt <= SMEM_BYTES
+    ]
+    small = [
+        c for c in fits if c.kwargs[rows] <= max(64, n_rows) and c.kwargs[cols] <= max(64, n_cols)
+    ]
+    return small or fits or configs[-1:]
+
+
 rtne_bf16 = None  # a Triton function where Triton is installed
 
 if triton is not None:

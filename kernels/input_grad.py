@@ -18,9 +18,10 @@ from ._triton import (
     INTERPRET,
     KERNEL_DTYPES,
     REFERENCE_DTYPES,
-    SMEM_BYTES,
     fp32_dot_precision,
+    prune_tiles,
     rtne_bf16,
+    tile_configs,
     tl,
     triton,
     triton_runs_on,
@@ -29,54 +30,16 @@ from ._triton import (
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 
 
-def _hopper_configs():
-    # (BLOCK_M, BLOCK_K, BLOCK_N, num_warps, num_stages): output tiles of dX are M × K; BLOCK_N
-    # is the step along the output-feature (reduction) axis. 128-wide tiles with 4 warps are
-    # left out: with an activation's epilogue they spill registers (ptxas -v, sm_90a).
-    shapes = [
-        (128, 256, 64, 8, 3),
-        (128, 256, 64, 8, 4),
-        (256, 128, 64, 8, 3),
-        (128, 128, 64, 8, 4),
-        (128, 128, 128, 8, 3),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 3),
-    ]
-    return [
-        triton.Config(
-            {"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn, "GROUP_M": 8},
-            num_warps=w,
-            num_stages=s,
-        )
-        for bm, bk, bn, w, s in shapes
-    ]
-
-
-def _interpreter_configs():
-    # One small tile so the interpreter (numpy, one program at a time) stays fast, and small
-    # enough that the test shapes span several tiles on every axis, ragged edges included.
-    return [
-        triton.Config(
-            {"BLOCK_M": 16, "BLOCK_K": 32, "BLOCK_N": 32, "GROUP_M": 2}, num_warps=4, num_stages=1
-        )
-    ]
-
-
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles that overflow shared memory (fp32 takes twice bf16's) or dwarf the problem."""
-    elt = named_args["dy_ptr"].element_size()
-    m, k = named_args["M"], named_args["K"]
-    fits = [
-        c
-        for c in configs
-        if c.num_stages * c.kwargs["BLOCK_N"] * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_K"]) * elt
-        <= SMEM_BYTES
-    ]
-    small = [
-        c for c in fits if c.kwargs["BLOCK_M"] <= max(64, m) and c.kwargs["BLOCK_K"] <= max(64, k)
-    ]
-    return small or fits or configs[-1:]
+    return prune_tiles(
+        configs,
+        named_args["dy_ptr"].element_size(),
+        "BLOCK_M",
+        "BLOCK_K",
+        "BLOCK_N",
+        named_args["M"],
+        named_args["K"],
+    )
 
 
 if triton is not None:
@@ -211,7 +174,7 @@ if triton is not None:
             )  # fmt: skip
 
     _input_grad_tuned = triton.autotune(
-        configs=_interpreter_configs() if INTERPRET else _hopper_configs(),
+        configs=tile_configs("BLOCK_M", "BLOCK_K", "BLOCK_N", "GROUP_M", (16, 32, 32)),
         # M is bucketed to a power of two: token counts vary from microbatch to microbatch
         # and each new exact M would otherwise be tuned again. The activation changes the
         # epilogue's register needs, so it is part of the key.

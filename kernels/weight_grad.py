@@ -21,65 +21,26 @@ from ._triton import (
     INTERPRET,
     KERNEL_DTYPES,
     REFERENCE_DTYPES,
-    SMEM_BYTES,
     fp32_dot_precision,
+    prune_tiles,
     rtne_bf16,
+    tile_configs,
     tl,
     triton,
     triton_runs_on,
 )
 
 
-def _hopper_configs():
-    # (BLOCK_N, BLOCK_K, BLOCK_M, num_warps, num_stages): output tiles of dW are N × K; BLOCK_M
-    # is the step along the token (reduction) axis. Large 128×256 tiles with 8 warps keep
-    # wgmma busy on the big projection shapes; the 64- and 128-wide ones are for layers with
-    # fewer output tiles than SMs. 128-wide tiles with 4 warps are left out: with an fp32
-    # accumulator and an fp32 main grad to seed it they spill (ptxas -v, sm_90a).
-    shapes = [
-        (128, 256, 64, 8, 3),
-        (128, 256, 64, 8, 4),
-        (256, 128, 64, 8, 3),
-        (128, 128, 64, 8, 4),
-        (128, 128, 128, 8, 3),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 3),
-    ]
-    return [
-        triton.Config(
-            {"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm, "GROUP_N": 8},
-            num_warps=w,
-            num_stages=s,
-        )
-        for bn, bk, bm, w, s in shapes
-    ]
-
-
-def _interpreter_configs():
-    # One small tile so the interpreter (numpy, one program at a time) stays fast, and small
-    # enough that the test shapes span several tiles on every axis, ragged edges included.
-    return [
-        triton.Config(
-            {"BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_M": 16, "GROUP_N": 2}, num_warps=4, num_stages=1
-        )
-    ]
-
-
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles that overflow shared memory (fp32 takes twice bf16's) or dwarf the problem."""
-    elt = named_args["x_ptr"].element_size()
-    n, k = named_args["N"], named_args["K"]
-    fits = [
-        c
-        for c in configs
-        if c.num_stages * c.kwargs["BLOCK_M"] * (c.kwargs["BLOCK_N"] + c.kwargs["BLOCK_K"]) * elt
-        <= SMEM_BYTES
-    ]
-    small = [
-        c for c in fits if c.kwargs["BLOCK_N"] <= max(64, n) and c.kwargs["BLOCK_K"] <= max(64, k)
-    ]
-    return small or fits or configs[-1:]
+    return prune_tiles(
+        configs,
+        named_args["x_ptr"].element_size(),
+        "BLOCK_N",
+        "BLOCK_K",
+        "BLOCK_M",
+        named_args["N"],
+        named_args["K"],
+    )
 
 
 if triton is not None:
@@ -177,7 +138,7 @@ if triton is not None:
             tl.store(db_ptrs, db.to(db_ptr.dtype.element_ty), mask=n_ok)
 
     _weight_grad_tuned = triton.autotune(
-        configs=_interpreter_configs() if INTERPRET else _hopper_configs(),
+        configs=tile_configs("BLOCK_N", "BLOCK_K", "BLOCK_M", "GROUP_N", (32, 32, 16)),
         # M is bucketed to a power of two: token counts vary from microbatch to microbatch
         # and each new exact M would otherwise be tuned again.
         key=["M_BUCKET", "N", "K"],
