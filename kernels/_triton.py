@@ -99,7 +99,8 @@ def prune_tiles(configs, elt: int, rows: str, cols: str, step: str, n_rows: int,
     return small or fits or configs[-1:]
 
 
-rtne_bf16 = None  # a Triton function where Triton is installed
+rtne_bf16 = None  # Triton functions where Triton is installed
+grouped_tile = None
 
 if triton is not None:
 
@@ -111,3 +112,17 @@ if triton is not None:
         bits = v.to(tl.uint32, bitcast=True)
         bits += 0x7FFF + ((bits >> 16) & 1)
         return (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def grouped_tile(
+        pid, rows, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr
+    ):
+        # Grouped order: GROUP row-blocks of the output are walked together so the operand
+        # columns they share stay in L2 while neighbouring programs run. Returns the program's
+        # (row-block, column-block).
+        num_r = tl.cdiv(rows, BLOCK_R)
+        num_c = tl.cdiv(cols, BLOCK_C)
+        in_group = GROUP * num_c
+        first = (pid // in_group) * GROUP
+        group = tl.minimum(num_r - first, GROUP)
+        return first + (pid % in_group) % group, (pid % in_group) // group

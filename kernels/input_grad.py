@@ -19,6 +19,7 @@ from ._triton import (
     KERNEL_DTYPES,
     REFERENCE_DTYPES,
     fp32_dot_precision,
+    grouped_tile,
     prune_tiles,
     rtne_bf16,
     tile_configs,
@@ -120,16 +121,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         GROUP_M: tl.constexpr,
     ):
-        # Grouped order: GROUP_M row-blocks of dX are walked together so the W columns they
-        # share stay in L2 while neighbouring programs run.
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_k = tl.cdiv(K, BLOCK_K)
-        in_group = GROUP_M * num_k
-        first_m = (pid // in_group) * GROUP_M
-        group = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % in_group) % group
-        pid_k = (pid % in_group) // group
+        pid_m, pid_k = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)

@@ -22,6 +22,7 @@ from ._triton import (
     KERNEL_DTYPES,
     REFERENCE_DTYPES,
     fp32_dot_precision,
+    grouped_tile,
     prune_tiles,
     rtne_bf16,
     tile_configs,
@@ -72,16 +73,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         GROUP_N: tl.constexpr,
     ):
-        # Grouped order: GROUP_N row-blocks of dW are walked together so the dY columns and X
-        # columns they share stay in L2 while neighbouring programs run.
-        pid = tl.program_id(0)
-        num_n = tl.cdiv(N, BLOCK_N)
-        num_k = tl.cdiv(K, BLOCK_K)
-        in_group = GROUP_N * num_k
-        first_n = (pid // in_group) * GROUP_N
-        group = tl.minimum(num_n - first_n, GROUP_N)
-        pid_n = first_n + (pid % in_group) % group
-        pid_k = (pid % in_group) // group
+        pid_n, pid_k = grouped_tile(tl.program_id(0), N, K, BLOCK_N, BLOCK_K, GROUP_N)
 
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
