@@ -64,7 +64,14 @@ def ext_modules():
 modules, cmdclass = ext_modules()
 setup(
     package_dir={"ppfast": "python/ppfast", "ppfast.kernels": "kernels"},
-    packages=["ppfast", "ppfast.nn", "ppfast.schedules", "ppfast.kernels"],
+    packages=[
+        "ppfast",
+        "ppfast.benchmarks",
+        "ppfast.demo",
+        "ppfast.nn",
+        "ppfast.schedules",
+        "ppfast.kernels",
+    ],
     ext_modules=modules,
     cmdclass=cmdclass,
 )

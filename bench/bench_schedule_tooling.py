@@ -19,8 +19,7 @@ import time
 import warnings
 from pathlib import Path
 
-from machine import describe
-
+from ppfast.benchmarks.machine import describe
 from ppfast.ir import gc_paused
 from ppfast.schedules import generate
 from ppfast.simulator import simulate

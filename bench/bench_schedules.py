@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from machine import describe
 from torch import nn
+
+from ppfast.benchmarks.machine import describe
 
 # ppfast schedule name -> torch class name (None: torch has no such schedule)
 PAIRS = {

@@ -1,4 +1,4 @@
-"""The ``ppfast`` command: simulate, validate and export schedules."""
+"""The ``ppfast`` command: the demo, benchmarks, and schedule tools (simulate, validate, export)."""
 
 from __future__ import annotations
 
@@ -178,7 +178,38 @@ def parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("list", help="the schedules ppfast generates")
     lst.set_defaults(func=cmd_list)
+
+    demo = sub.add_parser(
+        "demo",
+        help="train a small GPT-style model pipelined on local ranks (`ppfast demo -h`)",
+        add_help=False,
+    )
+    demo.add_argument("rest", nargs=argparse.REMAINDER)
+    demo.set_defaults(func=cmd_demo)
+
+    from .benchmarks import BENCHMARKS
+
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks: " + ", ".join(BENCHMARKS) + " (`ppfast bench NAME -h`)",
+    )
+    bench.add_argument("name", choices=sorted(BENCHMARKS))
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
     return ap
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(args.rest)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = importlib.import_module(f"ppfast.benchmarks.{args.name}")
+    return module.main(args.rest)
 
 
 def main(argv: list[str] | None = None) -> int:

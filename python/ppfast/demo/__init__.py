@@ -1,0 +1,1 @@
+"""``ppfast demo``: a small GPT-style model trained pipelined on local ranks."""
