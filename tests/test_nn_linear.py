@@ -214,3 +214,141 @@ def test_autocast_matches_nn_linear_under_autocast():
         assert a.grad.dtype == b.grad.dtype == torch.float32
         # both take bf16 products; they may round differently, within bf16's precision
         torch.testing.assert_close(a.grad, b.grad, rtol=2e-2, atol=2e-2)
+
+
+# ---------------------------------------------------------------------------- hooks
+
+
+def test_hooked_sees_tensor_hooks_post_accumulate_hooks_and_held_nodes():
+    from ppfast.nn.grad_hooks import hooked
+
+    ps = [nn.Parameter(torch.zeros(2)) for _ in range(5)]
+    ps[1].register_hook(lambda g: None)
+    ps[2].register_post_accumulate_grad_hook(lambda p: None)
+    node = ps[3].view_as(ps[3]).grad_fn.next_functions[0][0]
+    node.register_hook(lambda grad_in, grad_out: None)
+    assert hooked(ps) == [False, True, True, True, False]
+    assert hooked(ps) == [False, True, True, True, False]  # asking changes nothing
+    del node  # its hook goes with it
+    assert hooked(ps) == [False, True, True, False, False]
+
+
+def _watch(pipe, log):
+    """Log the start of every action that completes weight gradients: a W, or a full B."""
+    for sched in pipe.schedules:
+        for st in sched.stages:
+
+            def weight(mb, st=st, f=st.weight):
+                log.append(("weights", st.stage_index, mb))
+                f(mb)
+
+            def backward(mb, grads, full, st=st, f=st.backward):
+                if full:
+                    log.append(("weights", st.stage_index, mb))
+                return f(mb, grads, full)
+
+            st.weight, st.backward = weight, backward
+
+
+def _reference_grads(ref, x, y, m):
+    ref.zero_grad(set_to_none=True)
+    for xb, yb in zip(x.chunk(m), y.chunk(m), strict=True):
+        (nn.functional.mse_loss(ref(xb), yb) / m).backward()
+    return [q.grad.clone() for q in ref.parameters()]
+
+
+def _hook(kind, param, name, log):
+    """A hook of the given kind on ``param`` that logs what gradient it saw."""
+    if kind == "tensor":
+        return param.register_hook(lambda g: log.append(("hook", name, g.clone())))
+    if kind == "post":
+        return param.register_post_accumulate_grad_hook(
+            lambda q: log.append(("hook", name, q.grad.clone()))
+        )
+    node = param.view_as(param).grad_fn.next_functions[0][0]
+    node.register_hook(lambda gi, go: log.append(("hook", name, param.grad.clone())))
+    return node  # the caller holds it, as DDP's reducer does
+
+
+@pytest.mark.parametrize("kind", ["tensor", "post", "node"])
+@pytest.mark.parametrize(
+    ("schedule", "p", "per_rank"), [("zb-h1", 2, 1), ("zb-v", 2, 2), ("dualpipev", 2, 2)]
+)
+def test_hooks_fire_once_per_step_after_the_last_w_with_the_whole_gradient(
+    kind, schedule, p, per_rank
+):
+    m = 4
+    blocks = _stack("mlp", p * per_rank)
+    ref = nn.Sequential(*copy.deepcopy(blocks))
+    stages = [convert(copy.deepcopy(b)) for b in blocks]
+    names = [f"{s}.{n}" for s, st in enumerate(stages) for n, _ in st.named_parameters()]
+    params = [q for st in stages for q in st.parameters()]
+    log: list = []
+    held = [_hook(kind, q, name, log) for q, name in zip(params, names, strict=True)]
+    pipe = ppfast.Pipe(stages, ["cpu"] * p, chunks=m, schedule=schedule, loss_fn=nn.MSELoss())
+    _watch(pipe, log)
+    for step in range(2):
+        x, y = torch.randn(8, 4), torch.randn(8, 4)
+        log.clear()
+        for q in params:
+            q.grad = None
+        pipe.step(x, target=y)
+        want = _reference_grads(ref, x, y, m)
+        fired = [e for e in log if e[0] == "hook"]
+        assert sorted(e[1] for e in fired) == sorted(names), f"step {step}: once per parameter"
+        for name, g in zip(names, want, strict=True):
+            at = next(i for i, e in enumerate(log) if e[0] == "hook" and e[1] == name)
+            stage = int(name.split(".")[0])
+            # inside the stage's last W (or B), not before it
+            started = [e for e in log[:at] if e[0] == "weights" and e[1] == stage]
+            assert len(started) == m, f"{name} fired in the {len(started)}th of {m} W/B"
+            torch.testing.assert_close(log[at][2], g, rtol=1e-5, atol=1e-6)
+        for q, g in zip(params, want, strict=True):
+            torch.testing.assert_close(q.grad, g, rtol=1e-5, atol=1e-6)
+    del held
+
+
+def test_a_tensor_hook_may_change_the_gradient_as_in_autograd():
+    blocks = _stack("mlp", 2)
+    ref = nn.Sequential(*copy.deepcopy(blocks))
+    stages = [convert(copy.deepcopy(b)) for b in blocks]
+    stages[1][0].weight.register_hook(lambda g: 2 * g)
+    pipe = ppfast.Pipe(stages, ["cpu"] * 2, chunks=4, schedule="zb-h1", loss_fn=nn.MSELoss())
+    x, y = torch.randn(8, 4), torch.randn(8, 4)
+    pipe.step(x, target=y)
+    want = _reference_grads(ref, x, y, 4)
+    torch.testing.assert_close(stages[1][0].weight.grad, 2 * want[2], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stages[1][0].bias.grad, want[3], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("schedule", "converted"), [("zb-h1", False), ("1f1b", True)])
+def test_unconverted_layers_and_schedules_without_w_fire_hooks_per_microbatch(schedule, converted):
+    m = 4
+    blocks = _stack("mlp", 2)
+    stages = [convert(b) if converted else b for b in blocks]
+    seen = []
+    stages[1][0].weight.register_hook(lambda g: seen.append(g.clone()))
+    pipe = ppfast.Pipe(stages, ["cpu"] * 2, chunks=m, schedule=schedule, loss_fn=nn.MSELoss())
+    pipe.step(torch.randn(8, 4), target=torch.randn(8, 4))
+    assert len(seen) == m  # autograd's own behaviour: one call per microbatch's backward
+
+
+def test_a_parameter_two_stages_of_a_rank_share_fires_once():
+    # V placement puts stages 0 and 3 on rank 0; their layers are one Parameter
+    m = 4
+    blocks = _stack("mlp", 4)
+    blocks[3][0].weight = blocks[0][0].weight
+    ref = nn.Sequential(*copy.deepcopy(blocks))
+    assert ref[3][0].weight is ref[0][0].weight
+    stages = [convert(b) for b in copy.deepcopy(blocks)]
+    shared = stages[0][0].weight
+    assert stages[3][0].weight is shared
+    seen = []
+    shared.register_post_accumulate_grad_hook(lambda q: seen.append(q.grad.clone()))
+    pipe = ppfast.Pipe(stages, ["cpu"] * 2, chunks=m, schedule="zb-v", loss_fn=nn.MSELoss())
+    x, y = torch.randn(8, 4), torch.randn(8, 4)
+    pipe.step(x, target=y)
+    want = _reference_grads(ref, x, y, m)
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(shared.grad, want[0], rtol=1e-5, atol=1e-6)

@@ -5,12 +5,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .grad_hooks import HookRouter
 from .weight_grad_store import WeightGradStore
 
 
-def _grad_buffer(param: torch.Tensor) -> torch.Tensor:
-    """Where a deferred gradient goes: the fp32 ``main_grad`` a mixed-precision optimizer keeps,
-    else ``.grad`` (created as zeros on first use, since the kernel adds into it)."""
+def _grad_buffer(param: torch.Tensor, router: HookRouter | None = None) -> torch.Tensor:
+    """Where a deferred gradient goes: the step's sum for autograd when the parameter has hooks,
+    else the fp32 ``main_grad`` a mixed-precision optimizer keeps, else ``.grad`` (created as
+    zeros on first use, since the kernel adds into it)."""
+    if router is not None and router.routes(param):
+        return router.buffer(param)
     main = getattr(param, "main_grad", None)
     if main is not None:
         return main
@@ -19,7 +23,9 @@ def _grad_buffer(param: torch.Tensor) -> torch.Tensor:
     return param.grad
 
 
-def weight_grad_work(x: torch.Tensor, dy: torch.Tensor, weight, bias) -> None:
+def weight_grad_work(
+    x: torch.Tensor, dy: torch.Tensor, weight, bias, router: HookRouter | None = None
+) -> None:
     """dW += dYᵀX and db += Σ dY over all leading dimensions, in one pass over dY, summed in
     fp32 (ppfast.kernels.weight_grad: Triton on a GPU, accumulate-in-place torch ops on CPU)."""
     # imported on first use: Triton is heavy to import and settles its mode when it is
@@ -29,19 +35,21 @@ def weight_grad_work(x: torch.Tensor, dy: torch.Tensor, weight, bias) -> None:
     # the kernel on a GPU; on CPU the accumulate-in-place torch ops (never Triton's interpreter,
     # which a test process may have switched on)
     backend = "auto" if x.is_cuda else "torch"
+    has_db = bias is not None and bias.requires_grad
     if weight.requires_grad:
-        db = _grad_buffer(bias) if bias is not None and bias.requires_grad else None
-        weight_grad(x, dy, _grad_buffer(weight), db, accumulate=True, backend=backend)
-    elif bias is not None and bias.requires_grad:
-        _grad_buffer(bias).add_(dy.reshape(-1, dy.shape[-1]).sum(0, dtype=torch.float32))
+        db = _grad_buffer(bias, router) if has_db else None
+        weight_grad(x, dy, _grad_buffer(weight, router), db, accumulate=True, backend=backend)
+    elif has_db:
+        _grad_buffer(bias, router).add_(dy.reshape(-1, dy.shape[-1]).sum(0, dtype=torch.float32))
 
 
 class _SplitLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, layer):
+    def forward(ctx, x, weight, bias, layer, in_step):
         ctx.save_for_backward(x, weight)
         ctx.layer = layer
         ctx.has_bias = bias is not None
+        ctx.in_step = in_step
         return nn.functional.linear(x, weight, bias)
 
     @staticmethod
@@ -49,17 +57,24 @@ class _SplitLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         layer = ctx.layer
         dx = dy.matmul(weight.to(dy.dtype)) if ctx.needs_input_grad[0] else None
-        store: WeightGradStore | None = layer.weight_store
-        if store is None or not store.deferring:
-            # no W will come for this backward: let autograd accumulate (and fire hooks) now
+        store: WeightGradStore = layer.weight_store
+        bias = layer.bias if ctx.has_bias else None
+        if ctx.in_step:
+            # The weight gradients are ours alone: at the W, or now for a full B, into
+            # main_grad/.grad, or, for parameters with hooks, into the step's sum that goes
+            # through autograd after the stage's last W.
+            router = store.routing
+            store.put(layer.label, lambda: weight_grad_work(x, dy, layer.weight, bias, router))
+            return dx, None, None, None, None
+        if not store.deferring:
+            # the store used outside a schedule's step, without W: autograd accumulates now
             dy2 = dy.reshape(-1, dy.shape[-1])
             x2 = x.reshape(-1, x.shape[-1])
             dw = dy2.t().mm(x2.to(dy2.dtype)) if ctx.needs_input_grad[1] else None
             db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-            return dx, dw, db, None
-        bias = layer.bias if ctx.has_bias else None
+            return dx, dw, db, None, None
         store.put(layer.label, lambda: weight_grad_work(x, dy, layer.weight, bias))
-        return dx, None, None, None
+        return dx, None, None, None, None
 
 
 class Linear(nn.Linear):
@@ -70,6 +85,11 @@ class Linear(nn.Linear):
     :class:`WeightGradStore` for the W action; elsewhere (plain training, a schedule without W)
     it runs in the same backward, as nn.Linear's does. A parameter with a ``main_grad``
     attribute (an fp32 buffer) receives deferred gradients there instead of in ``.grad``.
+
+    Hooks on a parameter (``register_hook``, ``register_post_accumulate_grad_hook``, hooks on
+    its AccumulateGrad node such as DDP's) fire once per step in a split schedule, after the
+    stage's last W, with the step's whole gradient of that stage, which then goes to ``.grad``
+    as autograd would put it (see :class:`~ppfast.nn.grad_hooks.HookRouter`).
     """
 
     weight_store: WeightGradStore | None = None
@@ -80,13 +100,21 @@ class Linear(nn.Linear):
         if store is None or not store.enabled or not torch.is_grad_enabled():
             return super().forward(x)
         weight, bias = self.weight, self.bias
+        in_step = store.in_step
+        if in_step:
+            # Within a step the graph reaches detached aliases, never the parameters, so
+            # autograd never runs their AccumulateGrad nodes (whose hooks would fire at every
+            # I with no gradient); the aliases keep the output requiring grad like theirs.
+            weight = weight.detach().requires_grad_(weight.requires_grad)
+            if bias is not None:
+                bias = bias.detach().requires_grad_(bias.requires_grad)
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight = x.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
             with torch.autocast(x.device.type, enabled=False):
-                return _SplitLinear.apply(x, weight, bias, self)
-        return _SplitLinear.apply(x, weight, bias, self)
+                return _SplitLinear.apply(x, weight, bias, self, in_step)
+        return _SplitLinear.apply(x, weight, bias, self, in_step)
 
 
 def convert(module: nn.Module, exclude=()) -> nn.Module:

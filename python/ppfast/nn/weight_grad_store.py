@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .grad_hooks import HookRouter
 
 
 class WeightGradStore:
@@ -12,16 +16,28 @@ class WeightGradStore:
     full B); split layers hand their weight-gradient work to :meth:`put`, which runs it at once
     unless it is deferred, in which case the stage's W action runs it with :meth:`flush`. Every
     stage has its own store; nothing here is shared between stages or processes.
+
+    Within a step (:meth:`begin_step`, with the number of microbatches) the store also counts
+    the microbatches whose weight gradients are complete (at their B, or at their W) and tells
+    its ``router`` when the last one is, so that parameters with hooks see their gradient once
+    per step (see :class:`~ppfast.nn.grad_hooks.HookRouter`).
     """
 
     def __init__(self, name: str = "stage", enabled: bool = True):
         self.name = name
         # False when the stage's schedule has no W: split layers then run as plain nn.Linear
         self.enabled = enabled
+        self.router: HookRouter | None = None
+        self.stage: int = 0
         self._pending: dict[int, list[tuple[str, Callable[[], None]]]] = {}
         self._opened: set[int] = set()  # microbatches whose I deferred work to a W
         self._mb: int | None = None
         self._defer = False
+        self._left: int | None = None  # microbatches of this step whose weight grads are due
+
+    def begin_step(self, m: int) -> None:
+        """A step of ``m`` microbatches starts: each will finish its weight gradients once."""
+        self._left = m
 
     def backward(self, mb: int, defer: bool) -> _Open:
         """Context for the backward of microbatch ``mb``."""
@@ -38,6 +54,20 @@ class WeightGradStore:
     def deferring(self) -> bool:
         return self._defer and self._mb is not None
 
+    @property
+    def in_step(self) -> bool:
+        """Between :meth:`begin_step` and the end-of-step check."""
+        return self._left is not None
+
+    @property
+    def routing(self) -> HookRouter | None:
+        """The router while a step is under way and some split parameter of this rank has
+        hooks, else None (outside a step, split layers leave gradients to autograd)."""
+        router = self.router
+        if router is None or not self._left or not router.active:
+            return None
+        return router
+
     def flush(self, mb: int) -> None:
         """Run the deferred weight-gradient work of microbatch ``mb`` (the W action)."""
         if mb not in self._opened:
@@ -48,12 +78,21 @@ class WeightGradStore:
         self._opened.discard(mb)
         for _, fn in self._pending.pop(mb, []):
             fn()
+        self._complete()
+
+    def _complete(self) -> None:
+        if self._left is None:
+            return
+        self._left -= 1
+        if self._left == 0 and self.router is not None:
+            self.router.stage_done(self.stage)
 
     def pending(self) -> dict[int, list[str]]:
         return {mb: [layer for layer, _ in work] for mb, work in self._pending.items()}
 
     def check_empty(self) -> None:
         """At the end of a step: every I's weight gradients must have been taken by a W."""
+        self._left = None
         if self._pending or self._opened:
             mb = min(set(self._pending) | self._opened)
             work = self._pending.get(mb, [])
@@ -64,6 +103,8 @@ class WeightGradStore:
                 f"{self.name}: the weight gradients of microbatch {mb} ({layers}) were never "
                 "computed: the schedule has an I without its W"
             )
+        if self.router is not None:
+            self.router.check_empty()
 
 
 class _Open:
@@ -76,5 +117,7 @@ class _Open:
             self.store._opened.add(self.mb)
         return self.store
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         self.store._mb, self.store._defer = None, False
+        if exc_type is None and not self.defer:
+            self.store._complete()  # a full backward finished this microbatch's weights
