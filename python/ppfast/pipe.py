@@ -14,6 +14,7 @@ from .ir import Program
 from .pipeline import PipelineSchedule, split_microbatches
 from .schedules import lookup
 from .stage import PipelineStage
+from .tied import ThreadTies
 
 
 class Pipe:
@@ -23,6 +24,14 @@ class Pipe:
     ``len(devices)`` ranks (default: one per module), each holding ``len(modules) /
     len(devices)`` stages in the schedule's placement. Each rank runs in its own thread; the
     executor releases the GIL while it waits and torch ops release it while they compute.
+
+    ``tied`` lists groups of parameters that are one weight in the model, each named
+    ``"<stage>.<parameter name in that stage's module>"``, for example
+    ``tied=[("0.embed.weight", "3.head.weight")]``. Tied parameters on different ranks must be
+    different Parameter objects (ranks are threads; one object would have its gradient written
+    by two at once): they start from the value of the lowest stage's, and after every step each
+    holds the sum of their gradients (``main_grad`` where there is one, else ``.grad``). On one
+    rank they may be one object.
     """
 
     def __init__(
@@ -36,6 +45,7 @@ class Pipe:
         program: Program | None = None,
         timeout: float = 300.0,
         dynamic_shapes: bool = False,
+        tied: Sequence[Sequence[str]] = (),
         **schedule_options,
     ):
         modules = list(modules)
@@ -51,12 +61,17 @@ class Pipe:
         self.modules = modules
         self.schedules: list[PipelineSchedule] = []
         placement = self._placement(name, p, len(modules), program)
+        for s, m in enumerate(modules):
+            m.to(devices[placement[s]])
+        ties = _resolve_ties(modules, tied)
+        _refuse_shared_across_ranks(modules, placement)
+        self.tie_group = ThreadTies(p, timeout)
         cls = type("PipeSchedule", (PipelineSchedule,), {"schedule_name": name})
         for r in range(p):
             stages = [
                 PipelineStage(
-                    modules[s].to(devices[r]), s, len(modules), devices[r],
-                    dynamic_shapes=dynamic_shapes,
+                    modules[s], s, len(modules), devices[r],
+                    dynamic_shapes=dynamic_shapes, tied=ties.get(s),
                 )
                 for s in range(len(modules))
                 if placement[s] == r
@@ -69,6 +84,7 @@ class Pipe:
                     program=program,
                     transport=C.InProcessTransport(self.hub, r),
                     timeout=timeout,
+                    tie_group=self.tie_group,
                     **schedule_options,
                 )
             )
@@ -97,8 +113,10 @@ class Pipe:
         """A failed step leaves the hub aborted and the executors broken: start both anew (the
         next step agrees shapes again)."""
         self.hub = C.Hub(len(self.schedules))
+        self.tie_group = ThreadTies(len(self.schedules), self.tie_group.timeout)
         for r, sched in enumerate(self.schedules):
             sched._transport = C.InProcessTransport(self.hub, r)
+            sched._tie_group = self.tie_group
             sched._runner = None
 
     def step(self, *args, target=None, losses: list | None = None, **kwargs):
@@ -123,6 +141,7 @@ class Pipe:
             except BaseException as e:  # noqa: BLE001 - reported below, root cause first
                 errors[r] = e
                 self.hub.abort(r, f"{type(e).__name__}: {e}")
+                self.tie_group.abort()  # ranks waiting to sum tied gradients give up too
 
         threads = [
             threading.Thread(target=run, args=(r,), daemon=True) for r in range(len(self.schedules))
@@ -152,3 +171,57 @@ class Pipe:
         from .runtime import write_timeline
 
         write_timeline(self.timeline(), self.schedules[0].program, png, trace, title)
+
+
+def _resolve_ties(modules: list[nn.Module], tied) -> dict[int, dict[str, nn.Parameter]]:
+    """``tied`` (groups of "<stage>.<name>") as each stage's ``{key: parameter}``."""
+    if isinstance(tied, str) or not all(
+        isinstance(g, (list, tuple)) and all(isinstance(n, str) for n in g) for g in tied
+    ):
+        raise TypeError(
+            'tied must be a list of groups of names, e.g. [("0.embed.weight", "3.head.weight")]'
+        )
+    out: dict[int, dict[str, nn.Parameter]] = {}
+    for group in tied:
+        if len(group) < 2:
+            raise ValueError(f"tied group {tuple(group)} names one parameter; a tie needs two")
+        key = group[0]
+        for full in group:
+            head, _, name = full.partition(".")
+            if not head.isdigit() or not name or int(head) >= len(modules):
+                raise ValueError(
+                    f"tied name {full!r} must be '<stage>.<parameter name>' with a stage below "
+                    f"{len(modules)}, e.g. '0.embed.weight'"
+                )
+            s = int(head)
+            try:
+                param = modules[s].get_parameter(name)
+            except AttributeError:
+                names = ", ".join(n for n, _ in modules[s].named_parameters())
+                raise ValueError(
+                    f"tied name {full!r}: stage {s} has no parameter {name!r}; it has {names}"
+                ) from None
+            mine = out.setdefault(s, {})
+            if key in mine and mine[key] is not param:
+                raise ValueError(
+                    f"tied group {tuple(group)} names two parameters of stage {s}; within a "
+                    "stage, tie them by making them one Parameter"
+                )
+            mine[key] = param
+    return out
+
+
+def _refuse_shared_across_ranks(modules: list[nn.Module], placement) -> None:
+    seen: dict[int, tuple[int, str]] = {}
+    for s, m in enumerate(modules):
+        for name, p in m.named_parameters():
+            if not p.requires_grad:
+                continue
+            first = seen.setdefault(id(p), (s, name))
+            if placement[first[0]] != placement[s]:
+                raise ValueError(
+                    f"stages {first[0]} ({first[1]}) and {s} ({name}) share one Parameter but run "
+                    "on different ranks, whose threads would write its gradient at once; give "
+                    f"stage {s} its own copy (nn.Parameter(w.detach().clone())) and pass "
+                    f'tied=[("{first[0]}.{first[1]}", "{s}.{name}")] to keep the two equal'
+                )

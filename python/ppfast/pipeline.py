@@ -8,9 +8,11 @@ import torch
 
 from ._native import C
 from .ir import Kind, Program
+from .nn.grad_hooks import HookRouter
 from .runtime import RankRunner, StepMetrics
 from .schedules import generate, lookup
 from .stage import PipelineStage
+from .tied import C10dTies, TiedParameters
 
 
 def split_microbatches(args: tuple, kwargs: dict, m: int) -> tuple[list[tuple], list[dict]]:
@@ -60,6 +62,11 @@ class PipelineSchedule:
     Communication goes over the stages' process group (default: the world group), or over
     ``transport`` when one is given (for example an in-process one). ``program`` replaces the
     generated schedule with any validated Program. ``timeout`` (seconds) bounds every wait.
+
+    Parameters the stages declare as tied (``PipelineStage(..., tied=...)``) start from the
+    lowest owning stage's value at the first step and hold the sum of all owners' gradients
+    after every step. Between processes that goes over the stages' group; ranks that are
+    threads of one process need ``tie_group``, which ``ppfast.Pipe`` provides.
     """
 
     schedule_name = ""
@@ -74,6 +81,7 @@ class PipelineSchedule:
         program: Program | None = None,
         transport: object | None = None,
         timeout: float = 300.0,
+        tie_group: object | None = None,
         **schedule_options,
     ):
         self.stages = [stages] if isinstance(stages, PipelineStage) else list(stages)
@@ -88,6 +96,8 @@ class PipelineSchedule:
         self._options = schedule_options
         self._program = program
         self._transport = transport
+        self._tie_group = tie_group
+        self._ties: TiedParameters | None = None
         self._runner: RankRunner | None = None
         self._first_shapes: list | None = None
         self.last_metrics: StepMetrics | None = None
@@ -151,10 +161,12 @@ class PipelineSchedule:
         split = {
             x.stage for acts in program.ranks for a in acts for x in a.parts() if x.kind is Kind.W
         }
+        router = HookRouter()
         for s in self.stages:
             # a schedule without W for this stage gains nothing from deferring: plain autograd
             s.weight_store.enabled = s.stage_index in split
-        self._runner = RankRunner(
+            s.weight_store.router = router
+        runner = RankRunner(
             program,
             rank,
             transport,
@@ -162,6 +174,31 @@ class PipelineSchedule:
             timeout=self.timeout,
             dynamic_shapes=any(s.dynamic_shapes for s in self.stages),
         )
+        # after every check that can refuse the schedule, before any compute
+        self._ties = self._setup_ties(rank, size)
+        self._runner = runner
+
+    def _setup_ties(self, rank: int, size: int) -> TiedParameters | None:
+        declared = any(s.tied for s in self.stages)
+        if size == 1:
+            comm = None
+        elif self._tie_group is not None:
+            comm = self._tie_group.bind(rank)
+        elif self._transport is None or isinstance(self._transport, C.C10dTransport):
+            import torch.distributed as dist
+
+            group = self.stages[0].group or dist.group.WORLD
+            comm = C10dTies(group, rank, size, self.timeout)
+        elif declared:
+            raise ValueError(
+                "tied parameters across ranks that are threads of one process need tie_group; "
+                "use ppfast.Pipe(..., tied=...), which provides it"
+            )
+        else:
+            return None  # ranks of this transport cannot be reached; none of ours is tied
+        ties = TiedParameters(self.stages, rank, comm)
+        ties.setup()
+        return ties if ties.plans else None
 
     @property
     def program(self) -> Program | None:
@@ -206,6 +243,8 @@ class PipelineSchedule:
         self.last_metrics = self._runner.step()
         for s in self.stages:
             s.check_clean()
+        if self._ties is not None:
+            self._ties.reduce()  # after the last W: every owner gets the summed gradient
         if last is None:
             return None
         if losses is not None:

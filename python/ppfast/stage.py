@@ -7,8 +7,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .nn.linear import attach_store
+from .nn.grad_hooks import HookRouter
+from .nn.linear import Linear, attach_store
 from .nn.weight_grad_store import WeightGradStore
+from .tied import check_tied
 
 
 def _as_tensor_tuple(out: object, stage: int) -> tuple[torch.Tensor, ...]:
@@ -30,6 +32,13 @@ class PipelineStage:
     neighbours at the first step and cached; with ``dynamic_shapes=True`` they are agreed every
     step (variable sequence lengths). A stage may pass several tensors (a tuple); non-tensor
     arguments are given to ``step`` (first stage) and replicated to every microbatch.
+
+    ``tied`` declares parameters this stage shares with other stages, by a key every sharing
+    stage uses: ``{"wte": embed.weight}`` on the first stage and ``{"wte": head.weight}`` on
+    the last. The schedule starts every owner from the value of the lowest-index owning stage
+    at its first step, and after every step gives each owner the sum of all owners' gradients
+    (in ``main_grad`` where the parameter has one, else ``.grad``), before the optimizer runs.
+    Owners may sit on any ranks, or on one (V placement), and may be one Parameter object.
     """
 
     def __init__(
@@ -41,6 +50,7 @@ class PipelineStage:
         group: object | None = None,
         *,
         dynamic_shapes: bool = False,
+        tied: dict[str, nn.Parameter] | None = None,
     ):
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
@@ -55,9 +65,15 @@ class PipelineStage:
         self.device = torch.device(device) if device is not None else _module_device(module)
         self.group = group
         self.dynamic_shapes = dynamic_shapes
+        self.tied = check_tied(tied, module, stage_index)
         # split layers (ppfast.nn.Linear) queue their weight gradients here for the W actions
         self.weight_store = WeightGradStore(f"stage {stage_index}")
+        self.weight_store.stage = stage_index
+        # a schedule gives all stages of a rank one router, so a parameter two of them use
+        # fires its hooks once
+        self.weight_store.router = HookRouter()
         self.split_layers = attach_store(module, self.weight_store)
+        self.split_params = _split_params(module)
         self._reset(0)
         self.loss_fn: Callable | None = None
         self.scale = 1.0
@@ -90,6 +106,11 @@ class PipelineStage:
             self._targets = targets if targets is not None else [None] * m
         self.loss_fn = loss_fn
         self.scale = scale
+        store = self.weight_store
+        if store.enabled:
+            store.begin_step(m)
+            if store.router is not None:
+                store.router.join(self.stage_index, self.split_params)
 
     def losses(self) -> list[torch.Tensor]:
         return [self._losses[i] for i in sorted(self._losses)]
@@ -191,6 +212,17 @@ class PipelineStage:
     def weight(self, mb: int) -> None:
         """The W action: the weight gradients this microbatch's I deferred."""
         self.weight_store.flush(mb)
+
+
+def _split_params(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters of the module's split layers, each once."""
+    out: dict[int, nn.Parameter] = {}
+    for m in module.modules():
+        if isinstance(m, Linear):
+            for p in (m.weight, m.bias):
+                if p is not None:
+                    out.setdefault(id(p), p)
+    return list(out.values())
 
 
 def _module_device(module: nn.Module) -> torch.device:
