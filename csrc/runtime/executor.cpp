@@ -1,8 +1,11 @@
 // The stage executor; see executor.h for what each action does.
 #include "runtime/executor.h"
 
+#include <c10/core/StreamGuard.h>
+
 #include <cmath>
 #include <limits>
+#include <optional>
 
 #include "engine.h"
 
@@ -56,6 +59,7 @@ Executor::Executor(int rank, std::vector<int32_t> stage_to_rank, int32_t num_mb,
       last_backward_[key(0, p.stage, p.mb)] = p.action;
   }
   device_ = compute_->device();
+  if (device_has_streams(device_)) streams_ = std::make_unique<DeviceStreams>(device_);
 }
 
 int64_t Executor::tag(int dir, int producer_stage, int mb, int index, bool meta) const {
@@ -77,9 +81,14 @@ void Executor::fail(const std::string& why, int action, int peer, bool timed_out
   throw CommError(msg, rank_, label, peer, timed_out);
 }
 
-void Executor::wait_handle(Handle& h, int action, int peer, const std::string& what) {
+void Executor::wait_handle(Handle& h, int action, int peer, const std::string& what,
+                           const c10::Stream* stream) {
   try {
-    h.wait(timeout());
+    if (stream != nullptr) {
+      h.wait_stream(*stream, timeout());
+    } else {
+      h.wait(timeout());
+    }
   } catch (const TransportError& e) {
     if (e.timed_out) {
       fail("timed out after " + std::to_string(options_.timeout_ms / 1000.0).substr(0, 6) +
@@ -124,10 +133,13 @@ Executor::Meta Executor::decode_meta(const at::Tensor& t) const {
 std::vector<at::Tensor> Executor::allocate(const Meta& meta, int dir, int stage) {
   auto& free = pool_[{dir, stage}];
   if (!options_.dynamic_shapes && !free.empty()) {
-    auto out = std::move(free.back());
+    Pooled out = std::move(free.back());
     free.pop_back();
-    return out;
+    // the receive into it must not start before the compute that last read it is done
+    if (streams_ && out.free) out.free->block(streams_->recv);
+    return std::move(out.tensors);
   }
+  // New buffers belong to the compute stream, which reads them (see device_streams.h).
   std::vector<at::Tensor> out;
   for (const auto& [dtype, shape] : meta.tensors) {
     out.push_back(at::empty(shape, at::TensorOptions().dtype(dtype).device(device_)));
@@ -146,10 +158,14 @@ void Executor::post_recv(const Part& p) {
   comm_.emplace_back(p.action, now(), std::nan(""));
   if (negotiate_) {
     box.meta = at::empty({kMetaLen}, at::TensorOptions().dtype(at::kLong).device(device_));
+    std::optional<c10::StreamGuard> on_recv;
+    if (streams_) on_recv.emplace(streams_->recv);
     box.meta_handle = transport_->recv(box.meta, peer, tag(dir, producer, p.mb, 0, true));
     return;
   }
   box.buffers = allocate(recv_meta_.at({dir, p.stage}), dir, p.stage);
+  std::optional<c10::StreamGuard> on_recv;
+  if (streams_) on_recv.emplace(streams_->recv);
   for (size_t i = 0; i < box.buffers.size(); ++i) {
     box.handles.push_back(
         transport_->recv(box.buffers[i], peer, tag(dir, producer, p.mb, static_cast<int>(i), false)));
@@ -194,6 +210,12 @@ void Executor::post_send(const Part& p) {
          p.action, peer, false);
   }
   if (!options_.dynamic_shapes) send_meta_[{dir, p.stage}] = mine;
+  std::optional<c10::StreamGuard> on_send;
+  if (streams_) {
+    // the send starts once the compute that produced the tensors has, not after later compute
+    mark(streams_->compute)->block(streams_->send);
+    on_send.emplace(streams_->send);
+  }
   if (negotiate_) {
     at::Tensor meta = encode_meta(box.tensors).to(device_);
     box.handles.push_back(transport_->send(meta, peer, tag(dir, p.stage, p.mb, 0, true)));
@@ -236,12 +258,16 @@ std::vector<at::Tensor> Executor::take_input(const Part& p, int dir) {
     if (!options_.dynamic_shapes) recv_meta_[{dir, p.stage}] = meta;
     box.buffers = allocate(meta, dir, p.stage);
     const int producer_stage = producer;
+    std::optional<c10::StreamGuard> on_recv;
+    if (streams_) on_recv.emplace(streams_->recv);
     for (size_t i = 0; i < box.buffers.size(); ++i) {
       box.handles.push_back(transport_->recv(
           box.buffers[i], box.peer, tag(dir, producer_stage, p.mb, static_cast<int>(i), false)));
     }
   }
-  for (auto& h : box.handles) wait_handle(*h, p.action, box.peer, what);
+  for (auto& h : box.handles) {
+    wait_handle(*h, p.action, box.peer, what, streams_ ? &streams_->compute : nullptr);
+  }
   std::get<2>(comm_[box.comm_index]) = now();
   std::vector<at::Tensor> out = std::move(box.buffers);
   held_[key(dir, p.stage, p.mb)] = out;
@@ -253,7 +279,10 @@ void Executor::release_inputs(int stage, int mb) {
   for (int dir : {kFwd, kBwd}) {
     auto it = held_.find(key(dir, stage, mb));
     if (it == held_.end()) continue;
-    if (!options_.dynamic_shapes) pool_[{dir, stage}].push_back(std::move(it->second));
+    if (!options_.dynamic_shapes) {
+      pool_[{dir, stage}].push_back(
+          Pooled{std::move(it->second), streams_ ? mark(streams_->compute) : nullptr});
+    }
     held_.erase(it);
   }
 }
@@ -262,7 +291,7 @@ void Executor::run_compute(size_t begin, size_t end) {
   const int action = parts_[begin].action;
   bool started = false;
   auto mark_start = [&] {
-    if (!started) start_[action] = now(), started = true;
+    if (!started) mark_time(true, action), started = true;
   };
   for (size_t i = begin; i < end; ++i) {
     const Part& p = parts_[i];
@@ -290,7 +319,12 @@ void Executor::run_compute(size_t begin, size_t end) {
       if (last_backward_[key(0, p.stage, p.mb)] == action) release_inputs(p.stage, p.mb);
     }
   }
-  end_[action] = now();
+  mark_time(false, action);
+}
+
+void Executor::mark_time(bool start, int action) {
+  (start ? start_ : end_)[action] = now();
+  if (streams_) (start ? start_ev_ : end_ev_)[action] = mark(streams_->compute, true);
 }
 
 void Executor::finish_outbox(Outbox& box, bool block) {
@@ -344,6 +378,12 @@ StepTimes Executor::step() {
   start_.assign(num_actions_, std::nan(""));
   end_.assign(num_actions_, std::nan(""));
   t0_ = std::chrono::steady_clock::now();
+  if (streams_) {
+    streams_->compute = current_stream(device_);  // the user's stream of this step
+    origin_ = mark(streams_->compute, true);
+    start_ev_.assign(num_actions_, nullptr);
+    end_ev_.assign(num_actions_, nullptr);
+  }
   try {
     size_t i = 0;
     while (i < parts_.size()) {
@@ -385,6 +425,19 @@ StepTimes Executor::step() {
     throw;
   }
   negotiate_ = options_.dynamic_shapes;
+  if (streams_) {
+    // Compute actions ran when the device ran them: event times, as seconds from the step's
+    // start like the host times (the origin event marks the host's start on the device).
+    origin_->synchronize();
+    for (bool start : {true, false}) {
+      for (int a = 0; a < num_actions_; ++a) {
+        const auto& ev = (start ? start_ev_ : end_ev_)[a];
+        if (!ev) continue;
+        ev->synchronize();
+        (start ? start_ : end_)[a] = origin_->elapsedTime(*ev) / 1000.0;
+      }
+    }
+  }
   StepTimes out;
   out.start = start_;
   out.end = end_;

@@ -16,6 +16,10 @@
 //
 // Every wait has a timeout; a timeout or a failed peer raises an error naming this rank, the
 // action and the peer. The GIL is released whenever the executor waits.
+//
+// On a device with streams (CUDA) receives and sends go on streams of their own, ordered
+// against the compute stream by events (device_streams.h): the host never waits for a transfer
+// inside a step, only for sends still in flight at its end, and action times come from events.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -27,6 +31,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "runtime/device_streams.h"
 #include "runtime/transport.h"
 
 namespace ppfast {
@@ -132,7 +137,11 @@ class Executor {
   void poll_sends();
   void release_inputs(int stage, int mb);
   [[noreturn]] void fail(const std::string& why, int action, int peer, bool timed_out);
-  void wait_handle(Handle& h, int action, int peer, const std::string& what);
+  // Waits with the timeout; with `stream`, only orders that stream after the operation.
+  void wait_handle(Handle& h, int action, int peer, const std::string& what,
+                   const c10::Stream* stream = nullptr);
+  // Records an action's start or end: host clock, and an event on streams.
+  void mark_time(bool start, int action);
 
   at::Tensor encode_meta(const std::vector<at::Tensor>& tensors) const;
   Meta decode_meta(const at::Tensor& t) const;
@@ -156,8 +165,17 @@ class Executor {
   // agreed shapes: (dir, receiving stage) for receives, (dir, producing stage) for sends
   std::map<std::pair<int, int>, Meta> recv_meta_, send_meta_;
   bool negotiate_ = true;
-  // free receive buffers per (dir, receiving stage)
-  std::map<std::pair<int, int>, std::vector<std::vector<at::Tensor>>> pool_;
+  // free receive buffers per (dir, receiving stage); on streams, with the event after which the
+  // compute that last read them is done
+  struct Pooled {
+    std::vector<at::Tensor> tensors;
+    std::shared_ptr<c10::Event> free;
+  };
+  std::map<std::pair<int, int>, std::vector<Pooled>> pool_;
+  std::unique_ptr<DeviceStreams> streams_;  // null on CPU
+  // on streams: per action, events at its start and end, read back after the step
+  std::shared_ptr<c10::Event> origin_;
+  std::vector<std::shared_ptr<c10::Event>> start_ev_, end_ev_;
 
   // per-step state
   std::unordered_map<int64_t, Inbox> inbox_;

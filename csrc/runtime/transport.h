@@ -8,6 +8,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/Stream.h>
 
 #include <chrono>
 #include <condition_variable>
@@ -41,6 +42,13 @@ class Handle {
   virtual void wait(std::chrono::milliseconds timeout) = 0;
   // Non-blocking: has it completed (successfully or not)?
   virtual bool done() = 0;
+  // Orders `stream` after the operation: device work queued on it from now on sees the data.
+  // The host waits only as long as the transport needs (NCCL: not at all; a host transport:
+  // until the data is there), at most `timeout`. Host tensors: the same as wait().
+  virtual void wait_stream(const c10::Stream& stream, std::chrono::milliseconds timeout) {
+    (void)stream;
+    wait(timeout);
+  }
 };
 
 class Transport {
@@ -80,6 +88,7 @@ class C10dTransport : public Transport {
   int rank_, size_;
   bool coalescing_ = false;
   bool can_coalesce_ = false;
+  bool stream_ordered_ = false;  // NCCL: device work on streams of its own
 };
 
 // ---------------------------------------------------------------------------- in process
