@@ -1,6 +1,7 @@
 // The stage executor; see executor.h for what each action does.
 #include "runtime/executor.h"
 
+#include <ATen/record_function.h>
 #include <c10/core/StreamGuard.h>
 
 #include <cmath>
@@ -58,6 +59,9 @@ Executor::Executor(int rank, std::vector<int32_t> stage_to_rank, int32_t num_mb,
     if (p.kind == kI && !last_backward_.count(key(0, p.stage, p.mb)))
       last_backward_[key(0, p.stage, p.mb)] = p.action;
   }
+  // torch.profiler ranges, one per action: "ppfast:1F3". The prefix is not decoration: the
+  // profiler demangles names, and "2F0" reads as a mangled length-2 name (it shows "F0").
+  for (const auto& n : names_) ranges_.push_back("ppfast:" + n);
   device_ = compute_->device();
   if (device_has_streams(device_)) streams_ = std::make_unique<DeviceStreams>(device_);
 }
@@ -289,6 +293,7 @@ void Executor::release_inputs(int stage, int mb) {
 
 void Executor::run_compute(size_t begin, size_t end) {
   const int action = parts_[begin].action;
+  RECORD_USER_SCOPE(ranges_[action]);
   bool started = false;
   auto mark_start = [&] {
     if (!started) mark_time(true, action), started = true;
@@ -394,6 +399,7 @@ StepTimes Executor::step() {
         transport_->begin_group();
         for (size_t k = i; k < j; ++k) {
           const Part& q = parts_[k];
+          RECORD_USER_SCOPE(ranges_[q.action]);
           start_[q.action] = now();
           if (q.kind == kRecvF || q.kind == kRecvB) {
             post_recv(q);

@@ -152,6 +152,7 @@ class Executor {
   int32_t num_stages_, num_mb_;
   std::vector<Part> parts_;
   std::vector<std::string> names_;
+  std::vector<std::string> ranges_;  // torch.profiler range per action
   int num_actions_ = 0;
   std::shared_ptr<Transport> transport_;
   std::shared_ptr<Compute> compute_;

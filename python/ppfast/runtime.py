@@ -23,13 +23,27 @@ from dataclasses import dataclass, field
 
 from ._engine import encode_rank
 from ._native import C
-from .ir import Program, format_action
+from .ir import Program, format_action, parse_action
 from .validate import validate
 
 
 @dataclass
 class StepMetrics:
-    """What one step of one rank measured (host clock, seconds)."""
+    """What one step of one rank measured, in seconds (host clock; CUDA events on a GPU).
+
+    ``as_dict()`` is one flat, JSON-ready record per rank and step, for a logger::
+
+        metrics = schedule.last_metrics.as_dict()
+        # {"rank": 0, "step_time": 0.152, "busy_time": 0.131, "bubble": 0.138,
+        #  "busy_per_stage": {"0": 0.131}, "p2p_p50": 0.0004, "p2p_p99": 0.0021,
+        #  "num_actions": 16}
+
+    ``bubble`` is 1 - busy / step: the share of the step this rank computed nothing.
+    ``actions`` holds every compute action as (text, start, end) from the step's start, and
+    ``p2p_latencies`` each transfer's time from posting to being usable. With
+    ``torch.profiler`` running, every action is also a range named "ppfast:" + its text
+    ("ppfast:1F3").
+    """
 
     rank: int
     wall: float
@@ -47,14 +61,26 @@ class StepMetrics:
         lat = sorted(self.p2p_latencies)
         return lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))] if lat else 0.0
 
+    @property
+    def busy_per_stage(self) -> dict[int, float]:
+        """Compute time of each stage this rank holds (a compound action splits evenly)."""
+        out: dict[int, float] = {}
+        for text, start, end in self.actions:
+            parts = parse_action(text).parts()
+            for part in parts:
+                out[part.stage] = out.get(part.stage, 0.0) + (end - start) / len(parts)
+        return dict(sorted(out.items()))
+
     def as_dict(self) -> dict:
         return {
             "rank": self.rank,
             "step_time": self.wall,
             "busy_time": self.busy,
             "bubble": self.bubble,
+            "busy_per_stage": {str(s): t for s, t in self.busy_per_stage.items()},
             "p2p_p50": self.p2p_p50,
             "p2p_p99": self.p2p_p99,
+            "num_actions": len(self.actions),
         }
 
 
