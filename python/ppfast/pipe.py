@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Sequence
 
@@ -66,6 +67,10 @@ class Pipe:
         ties = _resolve_ties(modules, tied)
         _refuse_shared_across_ranks(modules, placement)
         self.tie_group = ThreadTies(p, timeout)
+        # On a GPU every rank computes on a stream of its own, so ranks sharing one device
+        # overlap their compute as ranks on separate devices would.
+        self.devices = devices
+        self.streams = [torch.cuda.Stream(d) if d.type == "cuda" else None for d in devices]
         cls = type("PipeSchedule", (PipelineSchedule,), {"schedule_name": name})
         for r in range(p):
             stages = [
@@ -128,16 +133,24 @@ class Pipe:
         results: list = [None] * len(self.schedules)
         errors: list[BaseException | None] = [None] * len(self.schedules)
 
+        # rank streams start after the caller's queued work (its inputs, its optimizer step)
+        callers = [_current_stream(d) for d in self.devices]
+        for stream, caller in zip(self.streams, callers, strict=True):
+            if stream is not None:
+                stream.wait_stream(caller)
+
         def run(r: int) -> None:
             sched = self.schedules[r]
             has_first = any(s.stage_index == 0 for s in sched.stages)
+            on_stream = torch.cuda.stream(self.streams[r]) if self.streams[r] else None
             try:
-                results[r] = sched.step(
-                    *(args if has_first else ()),
-                    target=target,
-                    losses=losses if any(s.is_last for s in sched.stages) else None,
-                    **(kwargs if has_first else {}),
-                )
+                with on_stream or contextlib.nullcontext():
+                    results[r] = sched.step(
+                        *(args if has_first else ()),
+                        target=target,
+                        losses=losses if any(s.is_last for s in sched.stages) else None,
+                        **(kwargs if has_first else {}),
+                    )
             except BaseException as e:  # noqa: BLE001 - reported below, root cause first
                 errors[r] = e
                 self.hub.abort(r, f"{type(e).__name__}: {e}")
@@ -150,6 +163,10 @@ class Pipe:
             t.start()
         for t in threads:
             t.join()
+        # the caller's stream sees every rank's gradients, outputs and losses
+        for stream, caller in zip(self.streams, callers, strict=True):
+            if stream is not None:
+                caller.wait_stream(stream)
         failed = [e for e in errors if e is not None]
         if failed:
             self._fresh_transport()
@@ -225,3 +242,7 @@ def _refuse_shared_across_ranks(modules: list[nn.Module], placement) -> None:
                     f"stage {s} its own copy (nn.Parameter(w.detach().clone())) and pass "
                     f'tied=[("{first[0]}.{first[1]}", "{s}.{name}")] to keep the two equal'
                 )
+
+
+def _current_stream(device: torch.device):
+    return torch.cuda.current_stream(device) if device.type == "cuda" else None
