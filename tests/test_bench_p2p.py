@@ -32,14 +32,16 @@ def check_rows(res: dict, cpu: bool) -> None:
     assert "overlap_efficiency" not in res["rows"][0]
 
 
-@pytest.mark.timeout(90)
-def test_gloo_on_two_local_processes_writes_json(tmp_path, monkeypatch):
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("post", ["caller", "thread"])
+def test_gloo_on_two_local_processes_writes_json(tmp_path, monkeypatch, post):
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     out = tmp_path / "p2p.json"
-    assert p2p.main(["--mode", "gloo", *TINY, "--json", str(out)]) == 0
+    assert p2p.main(["--mode", "gloo", *TINY, "--post", post, "--json", str(out)]) == 0
     res = json.loads(out.read_text())
-    for key in ("machine", "torch", "date", "latency", "overlap", "command"):
+    assert res["options"]["post"] == post
+    for key in ("machine", "torch", "date", "latency", "overlap", "command", "load_average_1min"):
         assert res[key]
     assert res["mode"] == "gloo" and res["launch"] == "two local processes"
     assert res["torch"] == torch.__version__

@@ -101,7 +101,10 @@ class DistEndpoint:
         self.prepost = not self.cuda
         # gloo writes a send into the socket inside isend() when the receive is already
         # posted, so the poster, not gloo's thread, pays for the copy: optionally a thread
-        self.poster = ThreadPoolExecutor(1) if post_thread else None
+        self.poster = None
+        if post_thread:  # on a GPU the thread must post for this rank's device
+            init = (torch.cuda.set_device, (device,)) if self.cuda else (None, ())
+            self.poster = ThreadPoolExecutor(1, initializer=init[0], initargs=init[1])
 
     def _post(self, op, t):
         if self.poster is None:
@@ -310,9 +313,10 @@ def measure(ep, opts: dict) -> list[dict] | None:
     for size in opts["sizes"]:
         with ep.computing():
             buf = torch.zeros(size, dtype=torch.uint8, device=ep.device)
-        (slowest,) = ep.max([max(pingpong(ep, buf, opts["warmup"]), default=0.0)])
+        warm = pingpong(ep, buf, opts["warmup"])  # the first one may set up a connection
+        (typical,) = ep.max([statistics.median(warm) if warm else 0.0])
         # as many repetitions as fit the time given to each size (both ranks agree)
-        reps = int(min(opts["reps"], max(5, opts["seconds"] / max(2 * slowest, 1e-9))))
+        reps = int(min(opts["reps"], max(5, opts["seconds"] / max(2 * typical, 1e-9))))
         lat = pingpong(ep, buf, reps)
         row = {"bytes": size, "reps": reps, "p50_s": statistics.median(lat)}
         row |= {"p99_s": percentile(lat, 0.99), "gbps": size / row["p50_s"] / 1e9}
@@ -412,7 +416,7 @@ OPTIONS = [  # flag, default, type or choices, help (which gets the default adde
     ("--seconds", 2.0, float, "ping-pong time per size, about (5 ping-pongs at least)"),
     ("--warmup", 5, int, "ping-pongs before timing"),
     ("--overlap-min", "1M", str, "smallest size for overlap; loaded latency is taken up to it"),
-    ("--overlap-reps", 11, int, "repetitions of each overlap time"),
+    ("--overlap-reps", 15, int, "repetitions of each overlap time"),
     ("--matmul", 256, int, "side of the square fp32 matmul"),
     ("--threads", 1, int, "intra-op threads per rank on CPU"),
     ("--post", "caller", ("caller", "thread"), "who posts: the computing thread, as ppfast's "
@@ -531,8 +535,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": describe(),
         "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        # other work on the machine slows transfers down: its load, before and after
-        "load_average_1min": [load, os.getloadavg()[0]],
+        # other work on the machine slows transfers down; the load at the end includes ours
+        "load_average_1min": {"start": load, "end": os.getloadavg()[0]},
         "latency": "one-way = half a ping-pong round trip, host clock",
         "overlap": "rank 0 -> rank 1, receive posted first; both ranks run the matmul loop; "
         "times are the slower rank's, medians; overlap = (Tc + Tm - Tb) / min(Tc, Tm)",
@@ -540,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
     }
     print(f"p2p, {mode} ({launch}, posted by the {args.post}), {res['machine']}")
-    print("load average before and after: {:.2f}, {:.2f}".format(*res["load_average_1min"]))
+    print(f"load average (1 min) at the start: {load:.2f} (other work slows transfers down)")
     print(f"latency: {res['latency']}\noverlap: {res['overlap']}\n{table(rows)}")
     if args.json:
         path = Path(args.json)
