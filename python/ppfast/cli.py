@@ -213,6 +213,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"]:
+        # the demo parses its own flags: argparse's REMAINDER would drop the leading ones
+        from .demo import main as demo_main
+
+        return demo_main(argv[1:])
     args = parser().parse_args(argv)
     try:
         return args.func(args)
