@@ -108,6 +108,7 @@ def test_short_demo_writes_files_and_matches_one_device(tmp_path):
         "bubble_simulated",
         "p2p_p50_s",
         "p2p_p99_s",
+        "drawn_step",
     ):
         assert key in s, key
     assert 0.0 <= s["bubble_simulated"] < 1.0

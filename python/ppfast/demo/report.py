@@ -19,6 +19,8 @@ from .options import DemoConfig
 
 # fp32 on both sides, same microbatches: only the order of floating-point sums differs
 RTOL, ATOL = 1e-5, 1e-6
+# per-step raw data that the summary, the trace and the pictures already give
+_NOT_IN_JSON = ("p2p_s", "stage_kind_s", "timeline")
 
 
 def _median(xs: list[float]) -> float:
@@ -131,6 +133,7 @@ class Reporter:
             "wall_s_per_rank": [r["wall"] for r in records],
             "p2p_s": [x for r in records for x in r["p2p"]],
             "stage_kind_s": {k2: v for r in records for k2, v in r["stage_kind_s"].items()},
+            "timeline": [x for r in records for x in r["timeline"]],
         }
         self.steps.append(row)
         text = (
@@ -152,15 +155,20 @@ class Reporter:
 
     # ------------------------------------------------------------------ at the end
 
-    def finish(self, timeline: list, program: Program) -> dict:
-        """Print the summary and write the output folder; returns the metrics written."""
+    def finish(self, program: Program) -> dict:
+        """Print the summary and write the output folder; returns the metrics written.
+        ``program`` is the lowered program the ranks ran (for the drawing's placement)."""
         metrics = self.metrics()
         self.out.mkdir(parents=True, exist_ok=True)
-        files = self.write_pictures(timeline, program, metrics)
+        files = self.write_pictures(program, metrics)
         metrics["files"] = files
         (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         self.summary(metrics)
-        self.say(f"wrote {', '.join(str(self.out / f) for f in [*files.values(), 'metrics.json'])}")
+        written = ", ".join(str(self.out / f) for f in [*files.values(), "metrics.json"])
+        self.say(
+            f"wrote {written} (timeline.png draws step {metrics['summary']['drawn_step'] + 1}, "
+            "the one with the median bubble)"
+        )
         return metrics
 
     def _steady(self) -> list[dict]:
@@ -212,10 +220,7 @@ class Reporter:
             "model": {"params": cfg.size.params()},
             "schedule": plan.summary(),
             "profile": self.profile,
-            "steps": [
-                {k: v for k, v in s.items() if k not in ("p2p_s", "stage_kind_s")}
-                for s in self.steps
-            ],
+            "steps": [{k: v for k, v in s.items() if k not in _NOT_IN_JSON} for s in self.steps],
             "summary": summary,
         }
         if self.baseline is not None:
@@ -249,16 +254,22 @@ class Reporter:
             "passed": ok,
         }
 
-    def write_pictures(self, timeline: list, program: Program, metrics: dict) -> dict:
-        last = self.steps[-1]
+    def typical_step(self) -> dict:
+        """The steady step whose bubble is the median one: what a step usually looked like."""
+        steady = sorted(self._steady() or self.steps, key=lambda s: s["bubble"])
+        return steady[(len(steady) - 1) // 2]
+
+    def write_pictures(self, program: Program, metrics: dict) -> dict:
+        step = self.typical_step()
+        metrics["summary"]["drawn_step"] = step["step"]
         name = self.plan.name
         shape = f"{program.p} ranks, m={program.num_microbatches}"
         measured = (
-            f"measured: {name}, {shape}, last step {max(last['wall_s_per_rank']) * 1e3:.0f} ms, "
-            f"bubble {_pct(last['bubble'])}"
+            f"measured: {name}, {shape}, step {step['step'] + 1} (median bubble), "
+            f"{max(step['wall_s_per_rank']) * 1e3:.0f} ms, bubble {_pct(step['bubble'])}"
         )
         write_timeline(
-            timeline, program, self.out / "timeline.png", self.out / "trace.json", measured
+            step["timeline"], program, self.out / "timeline.png", self.out / "trace.json", measured
         )
         sim = self.plan.sim
         spans = spans_from((r, a, st * 1e3, en * 1e3) for r, a, st, en in sim.timeline())

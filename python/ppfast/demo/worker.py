@@ -16,8 +16,9 @@ from .profile import merge, profile, timer, transfer_time
 from .report import Reporter, stage_kind_times
 
 
-def _record(rank: int, seconds: float, metrics, losses) -> dict:
+def _record(rank: int, seconds: float, metrics, losses, timeline) -> dict:
     return {
+        "timeline": timeline,
         "rank": rank,
         "time": seconds,
         "wall": metrics.wall,
@@ -98,14 +99,12 @@ def run_rank(cfg: DemoConfig, device: torch.device, launch: dict) -> dict | None
         sched.step(*((x,) if first else ()), target=y if last else None, losses=losses)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        rec = _record(rank, now() - t, sched.last_metrics, losses)
+        rec = _record(rank, now() - t, sched.last_metrics, losses, sched.timeline())
         records = [None] * p if rank == 0 else None
         dist.gather_object(rec, records, dst=0)
         if rep:
             rep.step(k, records)
-    timelines = [None] * p if rank == 0 else None
-    dist.gather_object(sched.timeline(), timelines, dst=0)
-    result = rep.finish([x for t in timelines for x in t], sched.program) if rep else None
+    result = rep.finish(sched.program) if rep else None
     dist.barrier()
     return result
 
@@ -148,11 +147,14 @@ def run_threads(cfg: DemoConfig, devices: list[torch.device], launch: dict) -> d
         opt.step()
         opt.zero_grad(set_to_none=True)
         dt = now() - t
+        timeline = pipe.timeline()
         rep.step(
             k,
             [
-                _record(r, dt, met, losses if r == last_rank else [])
+                _record(
+                    r, dt, met, losses if r == last_rank else [], [x for x in timeline if x[0] == r]
+                )
                 for r, met in enumerate(pipe.last_metrics)
             ],
         )
-    return rep.finish(pipe.timeline(), pipe.schedules[0].program)
+    return rep.finish(pipe.schedules[0].program)
