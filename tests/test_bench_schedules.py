@@ -30,3 +30,19 @@ def test_bench_schedules_rejects_bad_split():
 
     with pytest.raises(ValueError, match="multiple of 4"):
         main(["--depth", "6"])
+
+
+@pytest.mark.timeout(120)
+def test_bench_schedules_on_the_demo_model(tmp_path):
+    out = tmp_path / "g.json"
+    cmd = [sys.executable, "-m", "ppfast.cli", "bench", "schedules", "--model", "gpt"]
+    cmd += ["--rounds", "1", "--schedules", "zb-v", "--width", "32", "--depth", "4"]
+    cmd += ["--batch", "8", "--json", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=110)
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert {(r["runtime"], r["schedule"]) for r in data["rows"]} == {
+        ("ppfast", "zb-v"),
+        ("torch", "zb-v"),
+    }
+    assert "GPT decoder" in res.stdout

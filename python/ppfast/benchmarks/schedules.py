@@ -21,7 +21,6 @@ runtime itself costs. The table gives medians over rounds, and ppfast / torch sp
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import socket
@@ -151,7 +150,7 @@ def rank_main(rank: int, p: int, port: int, args, queue) -> None:
             out = own(inp)
             (work.loss_fn(out, yb) if last else out.float().square().mean()).backward()
 
-    whole = copy.deepcopy(torch.nn.Sequential(*work.blocks))
+    whole = work.make_whole()
 
     def one_device():
         for xb, yb in zip(xm, ym, strict=True):
@@ -241,9 +240,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--ranks", type=int, default=2, help="local gloo ranks (default 2)")
     ap.add_argument("--microbatches", "-m", type=int, default=8)
     ap.add_argument("--model", choices=sorted(WORKLOADS), default="mlp")
-    ap.add_argument("--width", type=int, default=1024)
+    ap.add_argument("--width", type=int, help="mlp: 1024 (default), gpt: 192")
     ap.add_argument("--depth", type=int, default=8, help="blocks in the model")
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--batch", type=int, help="mlp: 128 (default), gpt: 32")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--schedules", default=",".join(PAIRS), help="comma-separated names")
@@ -257,8 +256,14 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+DEFAULTS = {"mlp": {"width": 1024, "batch": 128}, "gpt": {"width": 192, "batch": 32}}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    for key, value in DEFAULTS[args.model].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     unknown = [n for n in args.schedules.split(",") if n not in PAIRS]
     if unknown:
         raise ValueError(f"unknown schedules {unknown}; choose from {', '.join(PAIRS)}")
