@@ -115,6 +115,7 @@ def test_short_demo_writes_files_and_matches_one_device(tmp_path):
     assert m["schedule"]["schedule"] and m["schedule"]["candidates"]
     one = m["one_device"]
     assert one["tokens_per_s"] > 0 and one["speedup"] > 0 and len(one["losses"]) == 2
+    assert one["steps_timed"] >= 2
     check = m["loss_check"]
     assert check["passed"] is True, check
     assert check["steps"] == 2 and check["rtol"] == 1e-5

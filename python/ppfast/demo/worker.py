@@ -7,7 +7,7 @@ import torch
 from ..pipe import Pipe
 from ..pipeline import PipelineSchedule
 from ..stage import PipelineStage
-from .baseline import batch, make_optimizer, one_device
+from .baseline import OneDevice, batch, make_optimizer, retime_every
 from .choose import plan, splits_tie, stage_counts
 from .data import MarkovData
 from .model import GPT, loss_fn
@@ -55,10 +55,13 @@ def run_rank(cfg: DemoConfig, device: torch.device, launch: dict) -> dict | None
     rank, p = dist.get_rank(), dist.get_world_size()
     data = MarkovData(cfg.vocab, cfg.seq, cfg.seed)
     rep = Reporter(cfg, launch) if rank == 0 else None
+    ref = OneDevice(cfg, data, device) if rank == 0 else None
     if rep:
         rep.intro(data.entropy())
         # on one device while the other ranks wait, so it has the machine as a rank would
-        rep.one_device(one_device(cfg, data, device))
+        for _ in range(min(cfg.check_steps, cfg.steps)):
+            ref.step()
+        rep.one_device(ref.result())
     dist.barrier()
 
     model = GPT(cfg.size, cfg.seed).to(device)
@@ -104,6 +107,12 @@ def run_rank(cfg: DemoConfig, device: torch.device, launch: dict) -> dict | None
         dist.gather_object(rec, records, dst=0)
         if rep:
             rep.step(k, records)
+        if (k + 1) % retime_every(cfg) == 0 and k + 1 < cfg.steps:
+            if ref:
+                ref.step()  # timed again while the other ranks wait
+            dist.barrier()
+    if rep:
+        rep.baseline = ref.result()
     result = rep.finish(sched.program) if rep else None
     dist.barrier()
     return result
@@ -115,7 +124,10 @@ def run_threads(cfg: DemoConfig, devices: list[torch.device], launch: dict) -> d
     data = MarkovData(cfg.vocab, cfg.seq, cfg.seed)
     rep = Reporter(cfg, launch)
     rep.intro(data.entropy())
-    rep.one_device(one_device(cfg, data, devices[0]))
+    ref = OneDevice(cfg, data, devices[0])
+    for _ in range(min(cfg.check_steps, cfg.steps)):
+        ref.step()
+    rep.one_device(ref.result())
 
     model = GPT(cfg.size, cfg.seed).to(devices[0])
     xm, ym = _profile_batch(data, cfg, devices[0])
@@ -157,4 +169,7 @@ def run_threads(cfg: DemoConfig, devices: list[torch.device], launch: dict) -> d
                 for r, met in enumerate(pipe.last_metrics)
             ],
         )
+        if (k + 1) % retime_every(cfg) == 0 and k + 1 < cfg.steps:
+            ref.step()
+    rep.baseline = ref.result()
     return rep.finish(pipe.schedules[0].program)
