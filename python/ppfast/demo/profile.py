@@ -24,51 +24,56 @@ def timer(device: torch.device) -> Callable[[], float]:
     return time.perf_counter
 
 
-def stage_costs(
-    model: GPT, n: int, x: torch.Tensor, y: torch.Tensor, device: torch.device, reps: int = 5
-) -> list[tuple[float, float, float]]:
-    """(F, I, W) in seconds of each of ``n`` stages, for one microbatch (x, y): medians of
-    ``reps`` rounds after one to warm up.
+class StageTimer:
+    """Times F, I and W of each of ``n`` stages of ``model`` for one microbatch (x, y).
 
     Each stage runs through a PipelineStage, as in training: F, then I with the split layers'
     weight gradients deferred, then W. A stage is timed on its own, from the inputs and
     output gradients one pass through the whole model gave it, so that it frees what it
     allocated before the next one runs, as in a pipeline's steady state (timing all forwards
     before all backwards makes the later stages look slower, by the fresh memory they touch).
-    Rounds go over all stages in turn, so that a burst of other work on the machine lands on
-    every stage alike.
     """
-    now = timer(device)
-    stages = [PipelineStage(mod, s, n, device) for s, mod in enumerate(model.stages(n))]
-    for st in stages:
-        st.weight_store.enabled = True
-        st.prepare(1, [(x,)], [{}], [y], loss_fn, 1.0)
-    inputs: list = [None]
-    for st in stages:
-        inputs.append(st.forward(0, inputs[-1])[0])
-    grads: list = [None] * n
-    for s in reversed(range(n)):
-        out = stages[s].backward(0, grads[s], full=False)
-        stages[s].weight(0)
-        if s:
-            grads[s - 1] = out
-    samples: list[list[list[float]]] = [[[], [], []] for _ in range(n)]
-    for rep in range(reps + 1):
-        for s, st in enumerate(stages):
-            st.prepare(1, [(x,)], [{}], [y], loss_fn, 1.0)
+
+    def __init__(self, model: GPT, n: int, x: torch.Tensor, y: torch.Tensor, device):
+        self.model, self.x, self.y = model, x, y
+        self.now = timer(device)
+        self.stages = [PipelineStage(mod, s, n, device) for s, mod in enumerate(model.stages(n))]
+        for st in self.stages:
+            st.weight_store.enabled = True
+            self._prepare(st)
+        self.inputs: list = [None]
+        for st in self.stages:
+            self.inputs.append(st.forward(0, self.inputs[-1])[0])
+        self.grads: list = [None] * n
+        for s in reversed(range(n)):
+            out = self.stages[s].backward(0, self.grads[s], full=False)
+            self.stages[s].weight(0)
+            if s:
+                self.grads[s - 1] = out
+        self.samples: list[list[list[float]]] = [[[], [], []] for _ in range(n)]
+
+    def _prepare(self, st: PipelineStage) -> None:
+        st.prepare(1, [(self.x,)], [{}], [self.y], loss_fn, 1.0)
+
+    def round(self, keep: bool = True) -> None:
+        """Time every stage once."""
+        now = self.now
+        for s, st in enumerate(self.stages):
+            self._prepare(st)
             t0 = now()
-            st.forward(0, inputs[s])
+            st.forward(0, self.inputs[s])
             t1 = now()
-            st.backward(0, grads[s], full=False)
+            st.backward(0, self.grads[s], full=False)
             t2 = now()
             st.weight(0)
             t3 = now()
-            if rep:
+            if keep:
                 for k, dt in enumerate((t1 - t0, t2 - t1, t3 - t2)):
-                    samples[s][k].append(dt)
-    for p in model.parameters():
-        p.grad = None  # profiling must not leak into the first step's gradients
-    return [tuple(statistics.median(k) for k in per) for per in samples]
+                    self.samples[s][k].append(dt)
+
+    def costs(self) -> list[tuple[float, float, float]]:
+        """Medians of the rounds kept, per stage."""
+        return [tuple(statistics.median(k) for k in per) for per in self.samples]
 
 
 def transfer_time(shape: tuple[int, ...], device: torch.device, reps: int = 20) -> float:
@@ -95,14 +100,25 @@ def transfer_time(shape: tuple[int, ...], device: torch.device, reps: int = 20) 
 
 
 def profile(
-    model: GPT,
+    make_model: Callable[[], GPT],
     counts: list[int],
     x: torch.Tensor,
     y: torch.Tensor,
     device: torch.device,
+    reps: int = 5,
 ) -> dict[int, list[tuple[float, float, float]]]:
-    """Stage costs for every stage count in ``counts`` (one stage per rank, two per rank...)."""
-    return {n: stage_costs(model, n, x, y, device) for n in sorted(set(counts))}
+    """(F, I, W) in seconds per stage for every stage count in ``counts`` (one stage per rank,
+    two per rank...): medians of ``reps`` rounds after one to warm up.
+
+    Each count cuts a model of its own (a layer serves one stage's weight-gradient store at
+    a time), and rounds go over the counts in turn, so that a burst of other work on the
+    machine lands on every candidate alike, not on one partition of the model.
+    """
+    timers = [StageTimer(make_model(), n, x, y, device) for n in sorted(set(counts))]
+    for rep in range(reps + 1):
+        for t in timers:
+            t.round(keep=rep > 0)
+    return {len(t.stages): t.costs() for t in timers}
 
 
 def merge(per_rank: list[dict[int, list[tuple[float, float, float]]]]) -> dict:

@@ -36,6 +36,11 @@ def _profile_batch(data: MarkovData, cfg: DemoConfig, device: torch.device):
     return x[:mb], y[:mb]
 
 
+def _maker(cfg: DemoConfig, device: torch.device):
+    """Fresh copies of the model, all starting from the same seed."""
+    return lambda: GPT(cfg.size, cfg.seed).to(device)
+
+
 def _tie(stage: int, mods: list) -> dict | None:
     """PipelineStage's tied= for the two stages that hold the tied weight: the token
     embedding (first stage) and the head (last). On one rank they are one Parameter, counted
@@ -64,9 +69,8 @@ def run_rank(cfg: DemoConfig, device: torch.device, launch: dict) -> dict | None
         rep.one_device(ref.result())
     dist.barrier()
 
-    model = GPT(cfg.size, cfg.seed).to(device)
     xm, ym = _profile_batch(data, cfg, device)
-    mine_costs = profile(model, stage_counts(p, cfg.schedule), xm, ym, device)
+    mine_costs = profile(_maker(cfg, device), stage_counts(p, cfg.schedule), xm, ym, device)
     gathered: list = [None] * p
     dist.all_gather_object(gathered, mine_costs)
     costs = merge(gathered)
@@ -79,7 +83,7 @@ def run_rank(cfg: DemoConfig, device: torch.device, launch: dict) -> dict | None
 
     program = chosen.program
     n = program.num_stages
-    mods = model.stages(n)
+    mods = GPT(cfg.size, cfg.seed).to(device).stages(n)
     mine = program.stages_of(rank)
     stages = [PipelineStage(mods[s], s, n, device, tied=_tie(s, mods)) for s in mine]
     sched = PipelineSchedule(
@@ -129,16 +133,15 @@ def run_threads(cfg: DemoConfig, devices: list[torch.device], launch: dict) -> d
         ref.step()
     rep.one_device(ref.result())
 
-    model = GPT(cfg.size, cfg.seed).to(devices[0])
     xm, ym = _profile_batch(data, cfg, devices[0])
-    costs = profile(model, stage_counts(p, cfg.schedule), xm, ym, devices[0])
+    costs = profile(_maker(cfg, devices[0]), stage_counts(p, cfg.schedule), xm, ym, devices[0])
     # in-process hand-offs pass a pointer: no transfer time
     chosen = plan(p, cfg.microbatches, cfg.layers, costs, 0.0, cfg.schedule)
     rep.planned(chosen, costs, 0.0)
 
     program = chosen.program
     n = program.num_stages
-    mods = model.stages(n)
+    mods = GPT(cfg.size, cfg.seed).to(devices[0]).stages(n)
     if splits_tie(program):
         # threads of different ranks must not write one gradient at once: the head gets its
         # own copy, which the tie starts equal and keeps equal
