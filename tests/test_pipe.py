@@ -44,13 +44,7 @@ SCHEDULES = tuple(SCHEDULE_CLASSES)  # Pipe takes the names
 M_CASES = {"m=p": lambda p: p, "m=2p": lambda p: 2 * p, "m=2p+1": lambda p: 2 * p + 1}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # p threads of tiny ops on a couple of cores: intra-op threads only add hand-offs
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.cache

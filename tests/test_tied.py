@@ -30,12 +30,7 @@ RTOL, ATOL = 1e-5, 1e-6
 TIED = [("0.embed.weight", "{last}.head.weight"), ("0.proj_in.weight", "{last}.proj_out.weight")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tied_names(n: int) -> list[tuple[str, str]]:
@@ -76,13 +71,7 @@ def train_pipe(schedule: str, p: int, variant: str, m: int) -> dict:
         got["losses"].append([float(x) for x in losses])
         got["outputs"].append(None)
         got["grads"].append(tsb.grads_of(dict(enumerate(held)), main=True))
-        for q in params:
-            assert q.grad is None, "every gradient should have reached main_grad"
-            q.grad = q.main_grad
-        opt.step()
-        for q in params:
-            q.grad = None
-            q.main_grad.zero_()
+        tsb.main_grad_step(opt, params)
     got["params"] = tsb.params_of(dict(enumerate(held)))
     return got
 

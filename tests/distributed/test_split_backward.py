@@ -135,6 +135,17 @@ def grads_of(stages: dict[int, nn.Module], main: bool) -> dict:
     }
 
 
+def main_grad_step(opt, params) -> None:
+    """The optimizer step of mixed-precision training: it reads the fp32 main grads."""
+    for q in params:
+        assert q.grad is None, "every gradient should have reached main_grad"
+        q.grad = q.main_grad
+    opt.step()
+    for q in params:
+        q.grad = None
+        q.main_grad.zero_()
+
+
 def params_of(stages: dict[int, nn.Module]) -> dict:
     return {s: {n: p.detach().clone() for n, p in m.named_parameters()} for s, m in stages.items()}
 
@@ -230,13 +241,7 @@ def train_rank(rank: int, p: int, schedule: str, variant: str, m: int) -> dict:
         out["losses"].append([float(x) for x in losses])
         out["outputs"].append(None)
         out["grads"].append(grads_of(held, main=True))
-        for q in params:
-            assert q.grad is None, "every gradient should have reached main_grad"
-            q.grad = q.main_grad
-        opt.step()
-        for q in params:
-            q.grad = None
-            q.main_grad.zero_()
+        main_grad_step(opt, params)
     out["params"] = params_of(held)
     return out
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import os
 import queue
 import socket
@@ -524,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         launch, rows = "two local processes", run_spawned(opts)
     if rows is None:  # not rank 0 of a torchrun launch
         return 0
+    from . import write_results
     from .machine import describe
 
     shown = [a for a in argv if not a.startswith("--json") and a != args.json]  # no paths
@@ -547,8 +547,5 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average (1 min) at the start: {load:.2f} (other work slows transfers down)")
     print(f"latency: {res['latency']}\noverlap: {res['overlap']}\n{table(rows)}")
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(res, indent=2) + "\n")
-        print(f"wrote {path}")
+        print(f"wrote {write_results(args.json, res)}")
     return 0

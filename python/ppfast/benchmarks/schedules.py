@@ -21,7 +21,6 @@ runtime itself costs. The table gives medians over rounds, and ppfast / torch sp
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
@@ -29,12 +28,12 @@ import sys
 import time
 import warnings
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from . import write_results
 from .machine import describe
 from .workloads import WORKLOADS, Workload, make_workload
 
@@ -290,10 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                 pr.terminate()
     result = summarize(args, times, gathered, transfer)
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwrote {out}")
+        print(f"\nwrote {write_results(args.json, result)}")
     return 0
 
 
