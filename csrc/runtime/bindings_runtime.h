@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include "runtime/executor.h"
+#include "runtime/shm_transport.h"
 #include "runtime/transport.h"
 
 namespace ppfast {
@@ -62,11 +63,38 @@ inline void register_runtime(pybind11::module_& m) {
     }
   });
 
+  py::class_<Handle, std::shared_ptr<Handle>>(m, "Handle")
+      .def("done", &Handle::done, py::call_guard<py::gil_scoped_release>(),
+           "Has the operation completed?")
+      .def(
+          "wait",
+          [](Handle& h, double timeout_s) {
+            h.wait(std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000)));
+          },
+          py::arg("timeout"), py::call_guard<py::gil_scoped_release>(),
+          "Block until the operation completes; raises RuntimeError on failure or timeout.");
+  // send/recv are here for tests and micro-benchmarks; the executor is what trains.
   py::class_<Transport, std::shared_ptr<Transport>>(m, "Transport")
       .def_property_readonly("rank", &Transport::rank)
       .def_property_readonly("size", &Transport::size)
       .def_property_readonly("name", &Transport::name)
+      .def("send", &Transport::send, py::arg("tensor"), py::arg("peer"), py::arg("tag"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("recv", &Transport::recv, py::arg("tensor"), py::arg("peer"), py::arg("tag"),
+           py::call_guard<py::gil_scoped_release>())
       .def("abort", &Transport::abort, py::arg("why"));
+  py::class_<ShmTransport, Transport, std::shared_ptr<ShmTransport>>(m, "ShmTransport")
+      .def(py::init<const std::string&, int, int>(), py::arg("name"), py::arg("rank"),
+           py::arg("size"),
+           "Ranks as processes of one host, over shared memory; every rank constructs it with "
+           "the same name, then connect(), then unlink_names() once all have connected.")
+      .def(
+          "connect",
+          [](ShmTransport& t, double timeout_s) {
+            t.connect(std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000)));
+          },
+          py::arg("timeout"), py::call_guard<py::gil_scoped_release>())
+      .def("unlink_names", &ShmTransport::unlink_names);
   py::class_<C10dTransport, Transport, std::shared_ptr<C10dTransport>>(m, "C10dTransport")
       .def(py::init([](const c10::intrusive_ptr<c10d::ProcessGroup>& group, const std::string& device) {
              return std::make_shared<C10dTransport>(group, c10::Device(device).type());

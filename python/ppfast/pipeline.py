@@ -6,13 +6,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ._native import C
 from .ir import Kind, Program
 from .nn.grad_hooks import HookRouter
 from .runtime import RankRunner, StepMetrics
 from .schedules import generate, lookup
 from .stage import PipelineStage
 from .tied import C10dTies, TiedParameters
+from .transports import check_kind, transport_for
 
 
 def split_microbatches(args: tuple, kwargs: dict, m: int) -> tuple[list[tuple], list[dict]]:
@@ -59,8 +59,11 @@ class PipelineSchedule:
     """Runs this rank's stages under a schedule; ``step`` as in torch.distributed.pipelining.
 
     ``stages`` is this rank's stage (or list of stages, for schedules with several per rank).
-    Communication goes over the stages' process group (default: the world group), or over
-    ``transport`` when one is given (for example an in-process one). ``program`` replaces the
+    Communication goes over the stages' process group (default: the world group): with
+    ``transport="auto"`` (the default, or ``PPFAST_TRANSPORT``) through shared memory when the
+    stages are on the CPU and every rank runs on this host, else through the group's backend;
+    ``"shm"`` or ``"c10d"`` force one (see :mod:`ppfast.transports`). A transport object (for
+    example an in-process one) is used as given. ``program`` replaces the
     generated schedule with any validated Program. ``timeout`` (seconds) bounds every wait.
 
     Parameters the stages declare as tied (``PipelineStage(..., tied=...)``) start from the
@@ -79,7 +82,7 @@ class PipelineSchedule:
         *,
         scale_grads: bool = True,
         program: Program | None = None,
-        transport: object | None = None,
+        transport: object | str | None = None,
         timeout: float = 300.0,
         tie_group: object | None = None,
         **schedule_options,
@@ -95,7 +98,9 @@ class PipelineSchedule:
         self.timeout = timeout
         self._options = schedule_options
         self._program = program
-        self._transport = transport
+        self._transport = (
+            check_kind(transport) if transport is None or isinstance(transport, str) else transport
+        )
         self._tie_group = tie_group
         self._ties: TiedParameters | None = None
         self._runner: RankRunner | None = None
@@ -107,7 +112,7 @@ class PipelineSchedule:
     # ------------------------------------------------------------------ setup
 
     def _group_rank_size(self) -> tuple[object, int, int]:
-        if self._transport is not None:
+        if not self._transport_from_group():
             return self._transport, self._transport.rank, self._transport.size
         import torch.distributed as dist
 
@@ -120,8 +125,12 @@ class PipelineSchedule:
                     "all stages in one process"
                 )
             group = dist.group.WORLD
-        transport = C.C10dTransport(group, self.stages[0].device.type)
+        transport = transport_for(group, self.stages[0].device.type, self._transport, self.timeout)
         return transport, transport.rank, transport.size
+
+    def _transport_from_group(self) -> bool:
+        """Is the transport built here from the stages' process group (not handed in)?"""
+        return self._transport is None or isinstance(self._transport, str)
 
     def _setup(self) -> None:
         transport, rank, size = self._group_rank_size()
@@ -184,7 +193,7 @@ class PipelineSchedule:
             comm = None
         elif self._tie_group is not None:
             comm = self._tie_group.bind(rank)
-        elif self._transport is None or isinstance(self._transport, C.C10dTransport):
+        elif self._transport_from_group():
             import torch.distributed as dist
 
             group = self.stages[0].group or dist.group.WORLD

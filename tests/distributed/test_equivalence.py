@@ -6,6 +6,9 @@ every step and the parameters after the last step, by stage. The parent trains t
 model on one device with the same microbatches and compares: fp32, rtol=1e-5 and atol=1e-6
 (torch.testing.assert_close).
 
+The whole matrix runs over the default transport (shared memory between these CPU ranks);
+every schedule and model also runs once over gloo's own point to point (c10d).
+
 Skipped: dualpipev at m = p, which it rejects (it needs m >= 2p); that the rejection is a
 ValueError raised on every rank before anything is sent is checked there instead (the
 configurations after it in the same group would break if anything had been sent). Every
@@ -41,12 +44,12 @@ def configs(p: int) -> list[tuple[str, str, int]]:
     ]
 
 
-def train_all(rank: int, p: int, todo: list) -> dict:
+def train_all(rank: int, p: int, todo: list, transport: str | None) -> dict:
     """Every configuration in turn on this rank; all ranks walk the same list."""
     results = {}
     for cfg in todo:
         try:
-            results[cfg] = train_rank(rank, p, *cfg)
+            results[cfg] = train_rank(rank, p, *cfg, transport=transport)
         except Exception as e:
             raise RuntimeError(f"rank {rank}, (schedule, model, m) = {cfg}") from e
     return results
@@ -67,23 +70,24 @@ def reference_of(model: str, p: int, m: int, stages: int) -> dict:
 def group_run():
     """Results of the whole group for p, run once on first use; a failure is kept and raised
     for every configuration of that p."""
-    cache: dict[int, object] = {}
+    cache: dict[tuple, object] = {}
 
-    def get(p: int) -> dict:
-        if p not in cache:
-            todo = configs(p)
+    def get(p: int, transport: str | None = None) -> dict:
+        key = (p, transport)
+        if key not in cache:
+            todo = configs(p) if transport is None else C10D_CONFIGS(p)
             try:
                 # generous: p = 4 puts four ranks on what may be two busy cores
-                per_rank = run_ranks(train_all, p, todo, timeout=240.0)
-                cache[p] = {
+                per_rank = run_ranks(train_all, p, todo, transport, timeout=240.0)
+                cache[key] = {
                     cfg: merge_ranks([r[cfg] for r in per_rank], num_stages_of(cfg[0], p) - 1)
                     for cfg in todo
                 }
             except AssertionError as e:
-                cache[p] = e
-        if isinstance(cache[p], BaseException):
-            raise cache[p]
-        return cache[p]
+                cache[key] = e
+        if isinstance(cache[key], BaseException):
+            raise cache[key]
+        return cache[key]
 
     return get
 
@@ -101,4 +105,20 @@ def test_matches_one_device(group_run, p, schedule, model, m_case):
         pytest.skip(f"{schedule} needs m >= 2p; m={m} was rejected before any communication")
     want = reference_of(model, p, m, num_stages_of(schedule, p))
     # a last stage with tuple outputs returns None from step
+    assert_matches(got, want, RTOL, ATOL, outputs=model != "two-stream")
+
+
+# The matrix above runs over the default transport, shared memory between these CPU ranks.
+# The c10d one (gloo point to point) carries the same programs; it runs every schedule and
+# model once, at an odd m on three ranks.
+def C10D_CONFIGS(p: int) -> list[tuple[str, str, int]]:
+    return [(s, model, 2 * p + 1) for s in SCHEDULE_CLASSES for model in MODELS]
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("schedule", list(SCHEDULE_CLASSES))
+def test_matches_one_device_over_gloo(group_run, schedule, model):
+    p, m = 3, 7
+    got = group_run(p, "c10d")[(schedule, model, m)]
+    want = reference_of(model, p, m, num_stages_of(schedule, p))
     assert_matches(got, want, RTOL, ATOL, outputs=model != "two-stream")

@@ -220,7 +220,7 @@ def test_shape_change_without_dynamic_shapes():
 KILL_TIMEOUT = 5.0
 
 
-def die_mid_step(rank: int, p: int, schedule: str) -> list[dict]:
+def die_mid_step(rank: int, p: int, schedule: str, transport: str) -> list[dict]:
     """Rank 1 exits inside its first stage's forward of the second microbatch of step 2."""
     v = 2 if schedule == "interleaved-1f1b" else 1
     n = v * p
@@ -238,7 +238,9 @@ def die_mid_step(rank: int, p: int, schedule: str) -> list[dict]:
         chains[1].register_forward_pre_hook(exit_on_second_microbatch)
     stages = [ppfast.PipelineStage(chains[s], s, n, "cpu") for s in held]
     cls = ppfast.Schedule1F1B if schedule == "1f1b" else ppfast.ScheduleInterleaved1F1B
-    sched = cls(stages if v > 1 else stages[0], 6, mse_loss, timeout=KILL_TIMEOUT)
+    sched = cls(
+        stages if v > 1 else stages[0], 6, mse_loss, timeout=KILL_TIMEOUT, transport=transport
+    )
     outs = []
     for k in range(2):
         state["step"] = k
@@ -247,9 +249,10 @@ def die_mid_step(rank: int, p: int, schedule: str) -> list[dict]:
     return outs
 
 
+@pytest.mark.parametrize("transport", ["shm", "c10d"])
 @pytest.mark.parametrize("schedule", ["1f1b", "interleaved-1f1b"])
-def test_a_rank_that_dies_mid_step(schedule):
-    results = run_ranks(die_mid_step, 3, schedule, timeout=90.0, may_exit={1})
+def test_a_rank_that_dies_mid_step(schedule, transport):
+    results = run_ranks(die_mid_step, 3, schedule, transport, timeout=90.0, may_exit={1})
     assert results[1] is None, f"rank 1 was meant to exit during step 2: {results[1]}"
     for rank in (0, 2):
         first, second = results[rank]

@@ -226,12 +226,14 @@ def train_rank(
     seqs=(SEQ,) * STEPS,
     dynamic_shapes: bool = False,
     timeout: float = 30.0,
+    transport: str | None = None,
 ) -> dict:
     """This rank's share of :func:`reference`'s training (2p blocks), on the default group.
 
     Returns what this rank saw per step (losses, step's return value, {stage: grads}) and
     {stage: params} after the last step, or {"rejected": message} when the first step raised
-    ValueError (a configuration the schedule refuses)."""
+    ValueError (a configuration the schedule refuses). ``transport`` is the schedule's
+    (None: auto, which is shared memory for these CPU ranks)."""
     n = num_stages_of(schedule, p)
     chains = split_stages(build_blocks(model, 2 * p), n)
     mine = [s for s, r in enumerate(placement(schedule, p)) if r == rank]
@@ -239,7 +241,11 @@ def train_rank(
         ppfast.PipelineStage(chains[s], s, n, "cpu", dynamic_shapes=dynamic_shapes) for s in mine
     ]
     sched = SCHEDULE_CLASSES[schedule](
-        stages[0] if len(stages) == 1 else stages, m, loss_fn_of(model), timeout=timeout
+        stages[0] if len(stages) == 1 else stages,
+        m,
+        loss_fn_of(model),
+        timeout=timeout,
+        transport=transport,
     )
     opt = make_optimizer([q for s in mine for q in chains[s].parameters()])
     out = {"losses": [], "outputs": [], "grads": [], "stages": mine}

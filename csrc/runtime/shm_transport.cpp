@@ -1,0 +1,541 @@
+// Shared-memory transport. See shm_transport.h.
+#include "runtime/shm_transport.h"
+
+#include <fcntl.h>
+#include <linux/futex.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <climits>
+#include <cstring>
+#include <algorithm>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace ppfast {
+
+namespace {
+
+constexpr uint64_t kMagic = 0x7070666173747368ull;  // "ppfastsh"
+constexpr int kSlots = 64;                          // messages in flight from one rank to another
+constexpr uint32_t kFree = 0, kFull = 1;
+constexpr size_t kMinSegment = 64 << 10;
+
+struct alignas(64) Slot {
+  std::atomic<uint32_t> state;  // kFree or kFull; only the sender fills, only the receiver frees
+  uint32_t pad;
+  int64_t tag;
+  uint64_t seq;       // order of the sender's messages on this lane
+  uint64_t nbytes;
+  uint64_t gen;       // generation of the slot's data segment holding the bytes
+  uint64_t capacity;  // size of that segment
+};
+
+struct Lane {                           // messages from one rank to the inbox's owner
+  alignas(64) std::atomic<uint32_t> freed;  // bumped when the owner frees a slot
+  Slot slots[kSlots];
+};
+
+struct Inbox {
+  std::atomic<uint64_t> magic;  // written last by the owner: the inbox is ready
+  int32_t size, owner;
+  int64_t pid;
+  alignas(64) std::atomic<uint32_t> posted;      // bumped by a sender after filling a slot
+  alignas(64) std::atomic<int32_t> aborted_by;  // -1, or the rank that gave up
+  char why[512];
+  Lane lanes[1];  // `size` of them
+
+  static size_t bytes(int size) { return sizeof(Inbox) + (size - 1) * sizeof(Lane); }
+};
+
+long futex(std::atomic<uint32_t>* addr, int op, uint32_t val, const timespec* ts) {
+  return syscall(SYS_futex, reinterpret_cast<uint32_t*>(addr), op, val, ts, nullptr, 0);
+}
+
+void futex_wake(std::atomic<uint32_t>* addr) { futex(addr, FUTEX_WAKE, INT_MAX, nullptr); }
+
+// Sleeps while *addr == seen, at most `us` microseconds (shared futex: other processes wake it).
+void futex_wait(std::atomic<uint32_t>* addr, uint32_t seen, long us) {
+  timespec ts{us / 1000000, (us % 1000000) * 1000};
+  futex(addr, FUTEX_WAIT, seen, &ts);
+}
+
+std::string sys_error(const std::string& what) { return what + ": " + std::strerror(errno); }
+
+// A mapped shared-memory object.
+struct Mapping {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  uint64_t gen = 0;
+  std::string name;  // non-empty while this side may still have to unlink it
+
+  void unmap() {
+    if (ptr != nullptr) munmap(ptr, bytes);
+    ptr = nullptr;
+    bytes = 0;
+  }
+};
+
+void* map_fd(int fd, size_t bytes, const std::string& name) {
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  close(fd);
+  if (p == MAP_FAILED) throw TransportError(sys_error("mmap of " + name), false);
+  return p;
+}
+
+void* create_segment(const std::string& name, size_t bytes) {
+  int fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+  if (fd < 0 && errno == EEXIST) {  // left over by a run that died: its name is ours now
+    shm_unlink(name.c_str());
+    fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+  }
+  if (fd < 0) throw TransportError(sys_error("shm_open of " + name), false);
+  if (ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
+    close(fd);
+    shm_unlink(name.c_str());
+    throw TransportError(sys_error("ftruncate of " + name + " to " + std::to_string(bytes) +
+                                   " bytes (is /dev/shm large enough?)"),
+                         false);
+  }
+  return map_fd(fd, bytes, name);
+}
+
+// Opens an existing segment; nullptr while it does not exist yet.
+void* open_segment(const std::string& name, size_t bytes) {
+  int fd = shm_open(name.c_str(), O_RDWR, 0600);
+  if (fd < 0) {
+    if (errno == ENOENT) return nullptr;
+    throw TransportError(sys_error("shm_open of " + name), false);
+  }
+  struct stat st;
+  if (fstat(fd, &st) != 0 || static_cast<size_t>(st.st_size) < bytes) {
+    close(fd);
+    return nullptr;  // its creator has not sized it yet
+  }
+  return map_fd(fd, bytes, name);
+}
+
+size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
+
+}  // namespace
+
+struct PendingSend {
+  at::Tensor tensor;  // contiguous
+  int peer;
+  int64_t tag;
+  bool sent = false;
+};
+
+struct RecvOp {
+  at::Tensor tensor;  // contiguous; released once filled
+  int src;
+  int64_t tag;
+  bool done = false;
+  std::string error;  // set instead of done when the message cannot be delivered
+};
+
+struct ShmState {
+  std::string name;
+  int rank, size;
+  std::mutex mu;  // one rank's executor drives it from one thread; Python may call abort()
+  Mapping own;    // this rank's inbox
+  std::vector<Inbox*> inboxes;             // by rank; inboxes[rank] is ours
+  std::vector<int64_t> pids;
+  std::vector<uint64_t> next_seq;          // per destination
+  std::vector<std::vector<Mapping>> out;   // [dst][slot] data segments this rank created
+  std::vector<std::vector<Mapping>> in;    // [src][slot] data segments this rank mapped
+  std::deque<std::shared_ptr<PendingSend>> queue;  // sends waiting for a free slot, in order
+  // receives posted and not yet filled, by (source, tag), oldest first
+  std::map<std::pair<int, int64_t>, std::deque<std::shared_ptr<RecvOp>>> posted;
+  std::chrono::steady_clock::time_point next_alive_check;
+
+  Inbox* mine() { return inboxes[rank]; }
+
+  std::string data_name(int src, int dst, int slot, uint64_t gen) const {
+    return name + "-" + std::to_string(src) + "-" + std::to_string(dst) + "-" +
+           std::to_string(slot) + "-" + std::to_string(gen);
+  }
+
+  // ------------------------------------------------------------------ sending
+
+  // Copies the message into a free slot of its lane; false when every slot is full.
+  bool try_send(PendingSend& s) {
+    Lane& lane = inboxes[s.peer]->lanes[rank];
+    const size_t nbytes = s.tensor.nbytes();
+    int pick = -1;
+    for (int i = 0; i < kSlots; ++i) {  // a free slot whose segment is big enough, else any
+      if (lane.slots[i].state.load(std::memory_order_acquire) != kFree) continue;
+      if (out[s.peer][i].bytes >= nbytes) {
+        pick = i;
+        break;
+      }
+      if (pick < 0) pick = i;
+    }
+    if (pick < 0) return false;
+    Slot& slot = lane.slots[pick];
+    Mapping& seg = out[s.peer][pick];
+    if (nbytes > 0 && seg.bytes < nbytes) {
+      seg.unmap();
+      if (!seg.name.empty()) shm_unlink(seg.name.c_str());  // the receiver may never have opened it
+      seg.gen += 1;
+      seg.name = data_name(rank, s.peer, pick, seg.gen);
+      seg.bytes = round_up(std::max(nbytes, kMinSegment), 4096);
+      seg.ptr = create_segment(seg.name, seg.bytes);
+    }
+    if (nbytes > 0) std::memcpy(seg.ptr, s.tensor.data_ptr(), nbytes);
+    slot.tag = s.tag;
+    slot.seq = next_seq[s.peer]++;
+    slot.nbytes = nbytes;
+    slot.gen = seg.gen;
+    slot.capacity = seg.bytes;
+    slot.state.store(kFull, std::memory_order_release);
+    Inbox* box = inboxes[s.peer];
+    box->posted.fetch_add(1, std::memory_order_release);
+    futex_wake(&box->posted);
+    s.sent = true;
+    s.tensor = at::Tensor();
+    return true;
+  }
+
+  // Delivers what arrived and posts queued sends that now find a slot. Caller holds mu.
+  void progress() {
+    drain();
+    while (!queue.empty()) {
+      if (!try_send(*queue.front())) return;
+      queue.pop_front();
+    }
+  }
+
+  // ------------------------------------------------------------------ receiving
+
+  // Hands every message waiting in this rank's inbox to its posted receive (a source's
+  // messages with one tag in the order they were sent) and frees their slots, so a posted
+  // receive takes its message whenever this rank touches the transport, in any order.
+  void drain() {
+    if (posted.empty()) return;
+    for (int src = 0; src < size; ++src) {
+      if (src == rank) continue;
+      Lane& lane = mine()->lanes[src];
+      std::pair<uint64_t, int> full[kSlots];
+      int n = 0;
+      for (int i = 0; i < kSlots; ++i) {
+        if (lane.slots[i].state.load(std::memory_order_acquire) == kFull) {
+          full[n++] = {lane.slots[i].seq, i};
+        }
+      }
+      if (n == 0) continue;
+      std::sort(full, full + n);
+      for (int k = 0; k < n; ++k) {
+        Slot& slot = lane.slots[full[k].second];
+        auto it = posted.find({src, slot.tag});
+        if (it == posted.end()) continue;
+        std::shared_ptr<RecvOp> op = it->second.front();
+        it->second.pop_front();
+        if (it->second.empty()) posted.erase(it);
+        deliver(src, full[k].second, *op);
+        slot.state.store(kFree, std::memory_order_release);
+        lane.freed.fetch_add(1, std::memory_order_release);
+        futex_wake(&lane.freed);
+      }
+    }
+  }
+
+  void deliver(int src, int index, RecvOp& op) {
+    const Slot& slot = mine()->lanes[src].slots[index];
+    const size_t nbytes = op.tensor.nbytes();
+    if (slot.nbytes != nbytes) {
+      op.error = "message of " + std::to_string(slot.nbytes) + " bytes from rank " +
+                 std::to_string(src) + " does not fit a " + std::to_string(nbytes) +
+                 "-byte receive buffer";
+      op.tensor = at::Tensor();
+      return;
+    }
+    Mapping& seg = in[src][index];
+    if (nbytes > 0 && (seg.ptr == nullptr || seg.gen != slot.gen)) {
+      seg.unmap();
+      const std::string seg_name = data_name(src, rank, index, slot.gen);
+      seg.ptr = open_segment(seg_name, slot.capacity);
+      if (seg.ptr == nullptr) {
+        op.error = "rank " + std::to_string(src) + "'s data segment " + seg_name + " is missing";
+        op.tensor = at::Tensor();
+        return;
+      }
+      seg.bytes = slot.capacity;
+      seg.gen = slot.gen;
+      shm_unlink(seg_name.c_str());  // both sides hold it now
+    }
+    if (nbytes > 0) std::memcpy(op.tensor.data_ptr(), seg.ptr, nbytes);
+    op.tensor = at::Tensor();
+    op.done = true;
+  }
+
+  // ------------------------------------------------------------------ failure
+
+  // Throws when a peer gave up or (checked every 100 ms) a peer's process is gone.
+  void check_peers(int peer) {
+    const int32_t by = mine()->aborted_by.load(std::memory_order_acquire);
+    if (by >= 0) {
+      throw TransportError("rank " + std::to_string(by) + " gave up: " +
+                               std::string(mine()->why, strnlen(mine()->why, sizeof(mine()->why))),
+                           false);
+    }
+    const auto now = std::chrono::steady_clock::now();
+    if (now < next_alive_check) return;
+    next_alive_check = now + std::chrono::milliseconds(100);
+    const int64_t pid = pids[peer];
+    if (pid > 0 && kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) {
+      throw TransportError("rank " + std::to_string(peer) + " (pid " + std::to_string(pid) +
+                               ") has exited",
+                           false);
+    }
+  }
+};
+
+namespace {
+
+class ShmHandle : public Handle {
+ public:
+  // A send (pending != nullptr) or a receive (op != nullptr) with `peer`.
+  ShmHandle(std::shared_ptr<ShmState> st, std::shared_ptr<PendingSend> pending,
+            std::shared_ptr<RecvOp> op, int peer)
+      : st_(std::move(st)), pending_(std::move(pending)), op_(std::move(op)), peer_(peer) {}
+
+  bool done() override {
+    if (finished_) return true;
+    std::lock_guard<std::mutex> lock(st_->mu);
+    return poll_locked();
+  }
+
+  void wait(std::chrono::milliseconds timeout) override {
+    if (finished_) return;
+    const auto start = std::chrono::steady_clock::now();
+    const auto deadline = start + timeout;
+    Inbox* box = pending_ ? st_->inboxes[peer_] : st_->mine();
+    std::atomic<uint32_t>* word =
+        pending_ ? &box->lanes[st_->rank].freed : &box->posted;
+    for (int round = 0;; ++round) {
+      const uint32_t seen = word->load(std::memory_order_acquire);
+      bool queued;
+      {
+        std::lock_guard<std::mutex> lock(st_->mu);
+        if (poll_locked()) return;
+        st_->check_peers(peer_);
+        queued = !st_->queue.empty();
+      }
+      const auto now = std::chrono::steady_clock::now();
+      if (now > deadline) throw TransportError("timed out", true);
+      if (now - start < std::chrono::microseconds(30)) {
+        std::this_thread::yield();  // a message usually follows its peer's compute closely
+        continue;
+      }
+      // Sleep until the peer posts (or frees a slot); wake every few ms to check for failure
+      // and, while this rank has queued sends, for slots the other peers freed.
+      futex_wait(word, seen, queued ? 1000 : 5000);
+    }
+  }
+
+ private:
+  bool poll_locked() {  // caller holds st_->mu
+    st_->progress();
+    if (pending_) {
+      finished_ = pending_->sent;
+    } else {
+      if (!op_->error.empty()) throw TransportError(op_->error, false);
+      finished_ = op_->done;
+    }
+    return finished_;
+  }
+
+  std::shared_ptr<ShmState> st_;
+  std::shared_ptr<PendingSend> pending_;
+  std::shared_ptr<RecvOp> op_;
+  int peer_;
+  bool finished_ = false;
+};
+
+}  // namespace
+
+ShmTransport::ShmTransport(const std::string& name, int rank, int size)
+    : rank_(rank), size_(size), state_(std::make_shared<ShmState>()) {
+  if (name.empty() || name[0] != '/' || name.find('/', 1) != std::string::npos ||
+      name.size() > 200) {
+    throw std::invalid_argument("shared-memory name must be '/' followed by at most 199 "
+                                "characters without '/', got '" + name + "'");
+  }
+  if (size < 1 || rank < 0 || rank >= size) {
+    throw std::invalid_argument("rank " + std::to_string(rank) + " is outside a group of " +
+                                std::to_string(size));
+  }
+  ShmState& st = *state_;
+  st.name = name;
+  st.rank = rank;
+  st.size = size;
+  st.inboxes.assign(size, nullptr);
+  st.pids.assign(size, 0);
+  st.next_seq.assign(size, 0);
+  st.out.assign(size, std::vector<Mapping>(kSlots));
+  st.in.assign(size, std::vector<Mapping>(kSlots));
+  st.own.name = name + "-in-" + std::to_string(rank);
+  st.own.bytes = Inbox::bytes(size);
+  st.own.ptr = create_segment(st.own.name, st.own.bytes);  // zero-filled: all slots free
+  auto* box = static_cast<Inbox*>(st.own.ptr);
+  box->size = size;
+  box->owner = rank;
+  box->pid = getpid();
+  box->aborted_by.store(-1);
+  box->magic.store(kMagic, std::memory_order_release);
+  st.inboxes[rank] = box;
+  st.pids[rank] = box->pid;
+}
+
+void ShmTransport::connect(std::chrono::milliseconds timeout) {
+  ShmState& st = *state_;
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  const size_t bytes = Inbox::bytes(size_);
+  for (int r = 0; r < size_; ++r) {
+    if (st.inboxes[r] != nullptr) continue;
+    const std::string name = st.name + "-in-" + std::to_string(r);
+    void* p = nullptr;
+    while ((p = open_segment(name, bytes)) == nullptr ||
+           static_cast<Inbox*>(p)->magic.load(std::memory_order_acquire) != kMagic) {
+      if (p != nullptr) munmap(p, bytes);
+      if (std::chrono::steady_clock::now() > deadline) {
+        throw TransportError("rank " + std::to_string(r) + " did not create its inbox " + name +
+                                 " in time: are all ranks on this host and using the same name?",
+                             true);
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    auto* box = static_cast<Inbox*>(p);
+    if (box->size != size_ || box->owner != r) {
+      munmap(p, bytes);
+      throw TransportError("inbox " + name + " belongs to another group (size " +
+                               std::to_string(box->size) + ", owner " +
+                               std::to_string(box->owner) + ")",
+                           false);
+    }
+    st.inboxes[r] = box;
+    st.pids[r] = box->pid;
+  }
+}
+
+void ShmTransport::unlink_names() {
+  std::lock_guard<std::mutex> lock(state_->mu);
+  if (!state_->own.name.empty()) shm_unlink(state_->own.name.c_str());
+  state_->own.name.clear();
+}
+
+ShmTransport::~ShmTransport() {
+  ShmState& st = *state_;
+  std::lock_guard<std::mutex> lock(st.mu);
+  // A data segment's name goes with whichever side is last to need it: the receiver unlinks it
+  // when it maps it; a message still in flight is left to the receiver, which unlinks those
+  // it never took when it goes.
+  for (int dst = 0; dst < size_; ++dst) {
+    for (int i = 0; i < kSlots; ++i) {
+      Mapping& seg = st.out[dst][i];
+      seg.unmap();
+      if (seg.name.empty()) continue;
+      Inbox* box = st.inboxes[dst];
+      if (box != nullptr && box->lanes[rank_].slots[i].state.load() == kFull) continue;
+      shm_unlink(seg.name.c_str());
+    }
+  }
+  Inbox* mine = st.inboxes[rank_];
+  for (int src = 0; src < size_; ++src) {
+    for (int i = 0; i < kSlots; ++i) {
+      Mapping& seg = st.in[src][i];
+      seg.unmap();
+      const Slot& slot = mine->lanes[src].slots[i];
+      if (src != rank_ && slot.state.load() == kFull && slot.nbytes > 0 && slot.gen != seg.gen) {
+        shm_unlink(st.data_name(src, rank_, i, slot.gen).c_str());
+      }
+    }
+  }
+  const size_t bytes = Inbox::bytes(size_);
+  for (int r = 0; r < size_; ++r) {
+    if (r != rank_ && st.inboxes[r] != nullptr) munmap(st.inboxes[r], bytes);
+  }
+  if (!st.own.name.empty()) shm_unlink(st.own.name.c_str());
+  st.own.unmap();
+  st.inboxes.clear();
+}
+
+static void check_tensor(const at::Tensor& t, const char* what) {
+  if (!t.device().is_cpu()) {
+    throw std::invalid_argument(std::string("the shared-memory transport moves CPU tensors; ") +
+                                what + " a tensor on " + t.device().str() +
+                                " (use the c10d transport with NCCL, or the in-process one)");
+  }
+}
+
+static void check_peer(int peer, int rank, int size) {
+  if (peer < 0 || peer >= size || peer == rank) {
+    throw std::invalid_argument("peer " + std::to_string(peer) + " is not another rank of this " +
+                                std::to_string(size) + "-rank group (this is rank " +
+                                std::to_string(rank) + ")");
+  }
+}
+
+std::shared_ptr<Handle> ShmTransport::send(const at::Tensor& tensor, int peer, int64_t tag) {
+  check_tensor(tensor, "cannot send");
+  check_peer(peer, rank_, size_);
+  auto pending = std::make_shared<PendingSend>();
+  pending->tensor = tensor.contiguous();
+  pending->peer = peer;
+  pending->tag = tag;
+  {
+    std::lock_guard<std::mutex> lock(state_->mu);
+    ShmState& st = *state_;
+    st.progress();
+    if (!(st.queue.empty() && st.try_send(*pending))) st.queue.push_back(pending);
+  }
+  return std::make_shared<ShmHandle>(state_, pending, nullptr, peer);
+}
+
+std::shared_ptr<Handle> ShmTransport::recv(const at::Tensor& tensor, int peer, int64_t tag) {
+  check_tensor(tensor, "cannot receive into");
+  check_peer(peer, rank_, size_);
+  if (!tensor.is_contiguous()) {
+    throw std::invalid_argument("the shared-memory transport receives into contiguous tensors");
+  }
+  auto op = std::make_shared<RecvOp>();
+  op->tensor = tensor;
+  op->src = peer;
+  op->tag = tag;
+  {
+    std::lock_guard<std::mutex> lock(state_->mu);
+    state_->posted[{peer, tag}].push_back(op);
+    state_->progress();
+  }
+  return std::make_shared<ShmHandle>(state_, nullptr, op, peer);
+}
+
+void ShmTransport::abort(const std::string& why) {
+  ShmState& st = *state_;
+  for (int r = 0; r < size_; ++r) {
+    Inbox* box = r < static_cast<int>(st.inboxes.size()) ? st.inboxes[r] : nullptr;
+    if (r == rank_ || box == nullptr) continue;
+    int32_t expected = -1;
+    if (box->aborted_by.compare_exchange_strong(expected, -2)) {  // first to abort writes why
+      const size_t n = std::min(why.size(), sizeof(box->why) - 1);
+      std::memcpy(box->why, why.data(), n);
+      box->why[n] = '\0';
+      box->aborted_by.store(rank_, std::memory_order_release);
+    }
+    box->posted.fetch_add(1, std::memory_order_release);
+    futex_wake(&box->posted);
+    // a peer waiting for a free slot in this rank's inbox sleeps on its lane here
+    if (st.inboxes[rank_] != nullptr) futex_wake(&st.inboxes[rank_]->lanes[r].freed);
+  }
+}
+
+}  // namespace ppfast

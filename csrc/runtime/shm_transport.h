@@ -1,0 +1,56 @@
+// Shared-memory transport for ranks that are processes on one host (CPU tensors).
+//
+// Over gloo, two processes on one host move every activation through loopback TCP: the
+// sending thread copies into the socket, the kernel copies across, gloo's I/O thread copies
+// out, and each side needs a core for the whole transfer. Here a message costs one memcpy on
+// each side and a futex wake, so a pipeline of CPU ranks loses almost nothing to transfers.
+//
+// Layout. Every rank owns an inbox segment ("<name>-in-<rank>") holding one lane per peer;
+// a lane has kSlots message slots. A sender takes a free slot of its lane in the receiver's
+// inbox, copies the tensor into that slot's data segment ("<name>-<src>-<dst>-<slot>-<gen>",
+// created by the sender and grown by replacing it with a new generation), writes tag, size
+// and a sequence number, marks the slot full and wakes the receiver. Whenever a rank calls
+// into the transport (posts, polls or waits), every message in its inbox that a posted
+// receive wants (same source and tag; the oldest first) is copied into that receive's buffer
+// and its slot freed, so receives posted early complete in any order. Sends that find no
+// free slot wait in a queue that every call of this rank drives, so a rank blocked on a
+// receive still delivers what it owes. Names are unlinked as soon as both sides have mapped
+// them: nothing is left in /dev/shm after the ranks exit.
+//
+// Failure. abort() marks every peer's inbox with this rank and the reason; waits check it,
+// check that the peer's process is alive, and time out.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <string>
+
+#include "runtime/transport.h"
+
+namespace ppfast {
+
+struct ShmState;  // shm_transport.cpp
+
+class ShmTransport : public Transport {
+ public:
+  // `name` is the same on every rank of the group and unique to it (it starts with '/').
+  // Creates this rank's inbox; connect() maps the peers' ones once every rank has created its.
+  ShmTransport(const std::string& name, int rank, int size);
+  ~ShmTransport() override;
+  void connect(std::chrono::milliseconds timeout);
+  // Once every rank has connected: remove the inbox names (the mappings stay).
+  void unlink_names();
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  std::string name() const override { return "shm"; }
+  std::shared_ptr<Handle> send(const at::Tensor& tensor, int peer, int64_t tag) override;
+  std::shared_ptr<Handle> recv(const at::Tensor& tensor, int peer, int64_t tag) override;
+  void abort(const std::string& why) override;
+
+ private:
+  int rank_, size_;
+  std::shared_ptr<ShmState> state_;
+};
+
+}  // namespace ppfast

@@ -1,0 +1,218 @@
+"""The shared-memory transport between gloo ranks of one host, and how a schedule picks one.
+
+The executor's view is covered by the equivalence and error tests (they run over it by
+default); here the transport is driven directly: sizes from empty to several MiB, receives
+taken in any order, more messages in flight than a lane has slots, a peer that gives up, a
+peer that dies, and nothing left behind in /dev/shm.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+from ranks import run_ranks
+
+WAIT = 20.0
+SLOTS = 64  # a lane's slots (shm_transport.cpp)
+
+
+def _shm(rank: int, world: int, kind: str = "shm"):
+    import torch.distributed as dist
+
+    from ppfast.transports import transport_for
+
+    return transport_for(dist.group.WORLD, "cpu", kind)
+
+
+def _ours() -> list[str]:
+    return sorted(n for n in os.listdir("/dev/shm") if n.startswith("ppfast-"))
+
+
+def exchange(rank: int, world: int) -> dict:
+    t = _shm(rank, world)
+    peer = 1 - rank
+    out = {"name": t.name, "sizes": []}
+    # empty, odd, one page, and growing sizes: every slot's segment is replaced as it grows
+    for n in (0, 1, 1023, 4096, 300_000, 1 << 20, 3 << 20):
+        for dtype in (torch.float32, torch.int64, torch.bfloat16):
+            x = (torch.arange(n) * (rank + 1)).to(dtype)
+            y = torch.empty(n, dtype=dtype)
+            hs = [t.send(x, peer, 5), t.recv(y, peer, 5)]
+            for h in hs:
+                h.wait(WAIT)
+            want = (torch.arange(n) * (peer + 1)).to(dtype)
+            out["sizes"].append((n, str(dtype), bool(torch.equal(y, want))))
+    # a non-contiguous tensor is sent as its contiguous copy
+    x = torch.arange(12.0).reshape(3, 4).t() + rank
+    y = torch.empty(4, 3)
+    for h in (t.send(x, peer, 6), t.recv(y, peer, 6)):
+        h.wait(WAIT)
+    out["strided"] = bool(torch.equal(y, torch.arange(12.0).reshape(3, 4).t() + peer))
+    return out
+
+
+def test_messages_of_every_size_arrive_intact():
+    for rank, res in enumerate(run_ranks(exchange, 2, timeout=60.0)):
+        assert res["name"] == "shm", res["name"]
+        bad = [s for s in res["sizes"] if not s[2]]
+        assert not bad, f"rank {rank} received wrong bytes for {bad}"
+        assert res["strided"]
+
+
+def many_in_flight(rank: int, world: int) -> dict:
+    """Rank 0 sends 3 lanes' worth of messages with distinct tags before rank 1 waits for any;
+    rank 1 posts every receive, then waits for them newest first."""
+    t = _shm(rank, world)
+    n = 3 * SLOTS
+    if rank == 0:
+        hs = [t.send(torch.full((100 + i,), float(i)), 1, 1000 + i) for i in range(n)]
+        started = sum(h.done() for h in hs)
+        for h in hs:
+            h.wait(WAIT)
+        # two messages with one tag arrive in the order they were sent
+        for k in range(3):
+            t.send(torch.full((8,), float(k)), 1, 77).wait(WAIT)
+        return {"done_at_once": started}
+    bufs = [torch.empty(100 + i) for i in range(n)]
+    hs = [t.recv(b, 0, 1000 + i) for i, b in enumerate(bufs)]
+    for h in reversed(hs):
+        h.wait(WAIT)
+    same_tag = [torch.empty(8) for _ in range(3)]
+    for b in same_tag:
+        t.recv(b, 0, 77).wait(WAIT)
+    return {
+        "ok": all(bool((b == i).all()) for i, b in enumerate(bufs)),
+        "order": [b[0].item() for b in same_tag],
+    }
+
+
+def test_receives_taken_in_any_order_with_more_messages_than_slots():
+    sender, receiver = run_ranks(many_in_flight, 2, timeout=60.0)
+    # the sender could not post more than a lane holds before the receiver drained it
+    assert sender["done_at_once"] <= 3 * SLOTS
+    assert receiver["ok"]
+    assert receiver["order"] == [0.0, 1.0, 2.0]
+
+
+def wrong_size(rank: int, world: int) -> str:
+    t = _shm(rank, world)
+    if rank == 0:
+        t.send(torch.zeros(10), 1, 3).wait(WAIT)
+        return ""
+    try:
+        t.recv(torch.empty(12), 0, 3).wait(WAIT)
+    except RuntimeError as e:
+        return str(e)
+    return "no error"
+
+
+def test_a_message_that_does_not_fit_its_buffer_is_an_error():
+    _, msg = run_ranks(wrong_size, 2, timeout=60.0)
+    assert "40 bytes from rank 0" in msg and "48-byte receive buffer" in msg, msg
+
+
+def give_up(rank: int, world: int) -> dict:
+    t = _shm(rank, world)
+    if rank == 0:
+        time.sleep(0.3)
+        t.abort("rank 0 raised: out of memory")
+        return {}
+    start = time.monotonic()
+    try:
+        t.recv(torch.empty(4), 0, 1).wait(WAIT)
+    except RuntimeError as e:
+        return {"message": str(e), "elapsed": time.monotonic() - start}
+    return {"message": "no error"}
+
+
+def test_a_peer_that_gives_up_fails_the_wait_at_once():
+    _, got = run_ranks(give_up, 2, timeout=60.0)
+    assert "rank 0 gave up: rank 0 raised: out of memory" in got["message"], got
+    assert got["elapsed"] < WAIT / 2, got
+
+
+def dies(rank: int, world: int) -> dict:
+    t = _shm(rank, world)
+    if rank == 0:
+        time.sleep(0.3)
+        os._exit(1)
+    start = time.monotonic()
+    try:
+        t.recv(torch.empty(4), 0, 1).wait(WAIT)
+    except RuntimeError as e:
+        return {"message": str(e), "elapsed": time.monotonic() - start}
+    return {"message": "no error"}
+
+
+def test_a_peer_that_dies_fails_the_wait_without_its_timeout():
+    res = run_ranks(dies, 2, timeout=60.0, may_exit={0})
+    got = res[1]
+    assert "rank 0 (pid" in got["message"] and "has exited" in got["message"], got
+    assert got["elapsed"] < WAIT / 2, got
+
+
+def leaves_nothing(rank: int, world: int) -> dict:
+    import gc
+
+    import torch.distributed as dist
+
+    before = _ours()
+    t = _shm(rank, world)
+    after_setup = _ours()  # inbox names are gone once every rank has connected
+    peer = 1 - rank
+    # the second message grows the slot's segment; rank 1 keeps one message it never takes
+    for n in (1000, 100_000):
+        t.send(torch.ones(n), peer, n).wait(WAIT)
+        t.recv(torch.empty(n), peer, n).wait(WAIT)
+    if rank == 0:
+        t.send(torch.ones(5000), 1, 9).wait(WAIT)
+    dist.barrier()
+    del t
+    gc.collect()
+    dist.barrier()
+    return {"before": before, "after_setup": after_setup, "after": _ours()}
+
+
+def test_no_names_are_left_in_dev_shm():
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm here")
+    for res in run_ranks(leaves_nothing, 2, timeout=60.0):
+        new = set(res["after"]) - set(res["before"])
+        assert not new, f"left behind: {sorted(new)}"
+        assert not set(res["after_setup"]) - set(res["before"]), res
+
+
+def kinds(rank: int, world: int) -> dict:
+    import torch.distributed as dist
+
+    from ppfast.transports import transport_for
+
+    out = {
+        "auto": transport_for(dist.group.WORLD, "cpu", "auto").name,
+        "c10d": transport_for(dist.group.WORLD, "cpu", "c10d").name,
+    }
+    os.environ["PPFAST_TRANSPORT"] = "c10d"
+    out["env"] = transport_for(dist.group.WORLD, "cpu", None).name
+    return out
+
+
+def test_auto_picks_shared_memory_for_cpu_ranks_of_one_host():
+    for res in run_ranks(kinds, 2, timeout=60.0):
+        assert res["auto"] == "shm", res
+        assert res["c10d"].startswith("c10d"), res
+        assert res["env"].startswith("c10d"), res
+
+
+def test_an_unknown_transport_is_refused_before_any_communication(monkeypatch):
+    import ppfast
+    from ppfast.transports import check_kind
+
+    with pytest.raises(ValueError, match="not one of auto, c10d, shm"):
+        check_kind("tcp")
+    monkeypatch.setenv("PPFAST_TRANSPORT", "nccl")
+    with pytest.raises(ValueError, match="PPFAST_TRANSPORT"):
+        stage = ppfast.PipelineStage(torch.nn.Linear(2, 2), 0, 2, "cpu")
+        ppfast.Schedule1F1B(stage, 2, lambda y, t: y.sum())
