@@ -1,10 +1,11 @@
 """ppfast: a pipeline-parallel training runtime for PyTorch."""
 
-from . import nn
+from . import checkpoint, nn, parallel, recompute
 from ._native import C as _C  # noqa: F401  (raises with build instructions when missing)
 from .errors import PipelineCommError
 from .ir import Action, Kind, Program, loop_placement, parse_action, v_placement
 from .lowering import lower
+from .partition import Split, split
 from .pipe import Pipe
 from .pipeline import (
     PipelineSchedule,
@@ -45,16 +46,21 @@ __all__ = [
     "ScheduleZBH1",
     "ScheduleZBH2",
     "ScheduleZBVZeroBubble",
+    "Split",
     "StepMetrics",
+    "checkpoint",
     "from_pipeline_order",
     "generate",
     "loop_placement",
     "nn",
+    "parallel",
     "lower",
     "parse_action",
     "read_csv",
+    "recompute",
     "schedule_names",
     "simulate",
+    "split",
     "to_pipeline_order",
     "v_placement",
     "validate",

@@ -249,6 +249,8 @@ class PipelineSchedule:
         scale = 1.0 / m if self.scale_grads else 1.0
         for s in self.stages:
             s.prepare(m, mb_args, mb_kwargs, targets, self.loss_fn, scale)
+        if self._ties is not None:
+            self._ties.begin_step()
         self.last_metrics = self._runner.step()
         for s in self.stages:
             s.check_clean()

@@ -54,6 +54,14 @@ class PipelineStage:
     ):
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            raise TypeError(
+                "a DistributedDataParallel module reduces its gradients at the first backward "
+                "after each forward, which in a pipeline step of several microbatches is not "
+                "the last, so its gradients would be wrong; give the stage the plain module "
+                "(ddp.module) and reduce over the data-parallel group after the step with "
+                "ppfast.parallel.DataParallelGrads"
+            )
         if not 0 <= stage_index < num_stages:
             raise ValueError(
                 f"stage_index {stage_index} is outside [0, {num_stages}); stages are numbered "

@@ -121,6 +121,16 @@ class TiedParameters:
             for p in _distinct(self.local[key]):
                 p.copy_(value)
 
+    def begin_step(self) -> None:
+        """Before a step every owner holds the same gradient (the earlier steps' sum, when steps
+        accumulate): keep it on the root's first owner only, so that reduce() counts it once."""
+        for key, held in self.local.items():
+            first = 1 if self.plans[key].root == self.rank else 0
+            for p in _distinct(held)[first:]:
+                buf = grad_buffer(p)
+                if buf is not None:
+                    buf.zero_()
+
     def reduce(self) -> None:
         """Every owner of every key gets the sum of all owners' gradients."""
         if not self.plans:

@@ -48,8 +48,9 @@ SCHEDULES = {"1f1b": ppfast.Schedule1F1B, "zb-v": ppfast.ScheduleZBVZeroBubble}
 PP_DP = [
     ("1f1b", "plain"),
     ("1f1b", "zero-1"),
-    # under ZB-V the tie is one Parameter on one rank: the schedule's sum over owners on
-    # different ranks counts earlier steps' tied gradients once per owner (docs/pp_dp.md)
+    # accumulating over two steps: under 1F1B the tie's owners are on two ranks, under ZB-V
+    # one Parameter on one rank
+    ("1f1b", "no-sync"),
     ("zb-v", "no-sync"),
     ("zb-v", "split"),
     ("zb-v", "split+main-grad"),
@@ -155,6 +156,12 @@ def refuse_ddp(mesh) -> str:
     from torch.nn.parallel import DistributedDataParallel
 
     ddp = DistributedDataParallel(torch.nn.Linear(2, 2), process_group=mesh.dp_group)
+    try:
+        ppfast.PipelineStage(ddp, 0, 2, "cpu", group=mesh.pp_group)
+        return "stage accepted"
+    except TypeError as e:
+        if "ddp.module" not in str(e):
+            return f"stage: {e}"
     try:
         ppfast.parallel.DataParallelGrads(ddp, mesh.dp_group)
     except ValueError as e:
