@@ -33,17 +33,20 @@ def check_rows(res: dict, cpu: bool) -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("post", ["caller", "thread"])
-def test_gloo_on_two_local_processes_writes_json(tmp_path, monkeypatch, post):
+@pytest.mark.parametrize(
+    ("mode", "post"), [("gloo", "caller"), ("gloo", "thread"), ("shm", "caller")]
+)
+def test_two_local_processes_write_json(tmp_path, monkeypatch, mode, post):
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     out = tmp_path / "p2p.json"
-    assert p2p.main(["--mode", "gloo", *TINY, "--post", post, "--json", str(out)]) == 0
+    assert p2p.main(["--mode", mode, *TINY, "--post", post, "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["options"]["post"] == post
+    assert res["options"]["transport"] == ("shm" if mode == "shm" else "c10d")
     for key in ("machine", "torch", "date", "latency", "overlap", "command", "load_average_1min"):
         assert res[key]
-    assert res["mode"] == "gloo" and res["launch"] == "two local processes"
+    assert res["mode"] == mode and res["launch"] == "two local processes"
     assert res["torch"] == torch.__version__
     assert str(tmp_path) not in res["command"]  # where the JSON went is not recorded
     check_rows(res, cpu=True)

@@ -4,6 +4,8 @@ Modes (``--mode``; ``auto`` takes nccl or gloo under torchrun, else local with a
 
   gloo    CPU tensors over gloo: two ranks launched by torchrun or, without it, two local
           processes started here on a free port.
+  shm     the same two CPU ranks, but the messages go through ppfast's shared-memory
+          transport (what schedules use between CPU ranks of one host); gloo only times.
   nccl    GPU tensors over NCCL, one GPU per rank, two ranks launched by torchrun.
   local   one process, one GPU, the two ranks as threads. ppfast's in-process transport is
           reachable only from the executor and copies on the current stream of the thread that
@@ -132,6 +134,28 @@ class DistEndpoint:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.tolist()
+
+
+class ShmEndpoint(DistEndpoint):
+    """A gloo rank whose messages go through ppfast's shared-memory transport: a posted send
+    copies into shared memory at once, a receive copies out when its rank next touches the
+    transport (here: when it waits)."""
+
+    def __init__(self, device: torch.device, post_thread: bool = False):
+        super().__init__(device, post_thread)
+        from ..transports import transport_for
+
+        self.transport = transport_for(dist.group.WORLD, "cpu", "shm")
+
+    def send(self, t):
+        return self._post(lambda t, peer: self._work(self.transport.send(t, peer, 0)), t)
+
+    def recv(self, t):
+        return self._post(lambda t, peer: self._work(self.transport.recv(t, peer, 0)), t)
+
+    @staticmethod
+    def _work(handle) -> Work:
+        return Work(lambda: handle.wait(WAIT_S))
 
 
 class LocalHub:
@@ -347,7 +371,8 @@ def run_launched(opts: dict, backend: str) -> list[dict] | None:
     timeout = datetime.timedelta(seconds=opts["timeout"])
     dist.init_process_group(backend, timeout=timeout, **extra)
     try:
-        return measure(DistEndpoint(device, opts["post"] == "thread"), opts)
+        endpoint = ShmEndpoint if opts.get("transport") == "shm" else DistEndpoint
+        return measure(endpoint(device, opts["post"] == "thread"), opts)
     finally:
         dist.destroy_process_group()
 
@@ -406,7 +431,7 @@ def run_local(opts: dict, device: torch.device) -> list[dict]:
 # ---------------------------------------------------------------- the command
 
 OPTIONS = [  # flag, default, type or choices, help (which gets the default added)
-    ("--mode", "auto", ("auto", "gloo", "nccl", "local"), "see above"),
+    ("--mode", "auto", ("auto", "gloo", "shm", "nccl", "local"), "see above"),
     ("--device", "cuda", str, "local mode: cuda[:N] or cpu"),
     ("--min-size", "4K", str, "smallest message"),
     ("--max-size", "256M", str, "largest message"),
@@ -511,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     opts["sizes"] = sizes_between(parse_size(args.min_size), parse_size(args.max_size), args.factor)
     opts["overlap_min"] = parse_size(args.overlap_min)
     mode, device, why_not = resolve(args)
+    opts["transport"] = "shm" if mode == "shm" else "c10d"
     if why_not:
         print(f"ppfast bench p2p: skipped: {why_not}", file=sys.stderr)
         return 0
@@ -518,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     if mode == "local":
         launch, rows = "two threads of one process", run_local(opts, device)
     elif "RANK" in os.environ:
-        launch, rows = "torchrun", run_launched(opts, mode)
+        launch, rows = "torchrun", run_launched(opts, "gloo" if mode == "shm" else mode)
     else:
         launch, rows = "two local processes", run_spawned(opts)
     if rows is None:  # not rank 0 of a torchrun launch
