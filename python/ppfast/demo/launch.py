@@ -1,4 +1,4 @@
-"""Starting the demo's ranks: gloo processes on CPU, torchrun's ranks, or ppfast.Pipe's threads.
+"""Starting the demo's ranks: CPU processes (a gloo group), torchrun's, or ppfast.Pipe's threads.
 
 Spawned ranks ignore SIGINT (they inherit SIG_IGN from the parent while it starts them, and
 set it again themselves), so Ctrl-C reaches the parent alone, which stops every rank and
@@ -19,6 +19,7 @@ from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
+from ..transports import check_kind
 from .choose import plan, stage_counts
 from .options import DemoConfig, parse
 
@@ -113,7 +114,9 @@ def _processes(cfg: DemoConfig) -> int:
         "device": "cpu",
         "ranks": p,
         "threads_per_rank": threads,
-        "text": f"{p} gloo processes on CPU, {threads} intra-op thread(s) each",
+        "text": f"{p} processes on CPU (a gloo group; activations through "
+        f"{'gloo' if check_kind(None) == 'c10d' else 'shared memory'}), "
+        f"{threads} intra-op thread(s) each",
     }
     cores = os.cpu_count() or 1
     if p * threads > cores:
