@@ -509,9 +509,9 @@ def _collect(model) -> tuple[list[nn.Parameter], list[str], set[int], list]:
     for _, mod in modules:
         if isinstance(mod, DistributedDataParallel):
             raise ValueError(
-                "a DistributedDataParallel module reduces its gradients by itself, at the first "
-                "backward after each forward, which in a pipeline of several microbatches is "
-                "not the step's last; unwrap it (module.module) and let DataParallelGrads reduce"
+                "a DistributedDataParallel stage module reduces its gradients by itself (the "
+                "stage runs it under no_sync() until its last backward of the step); use DDP or "
+                "DataParallelGrads, not both: unwrap it (module.module) to reduce here"
             )
     params: list[nn.Parameter] = []
     names: list[str] = []

@@ -179,6 +179,7 @@ def pipeline_stages(
     group=None,
     *,
     convert: bool = False,
+    wrap=None,
 ) -> list[ppfast.PipelineStage]:
     """This rank's PipelineStages (stage indices ``mine``) of ``model``, with the tie declared.
 
@@ -186,7 +187,9 @@ def pipeline_stages(
     the embedding's weight (set on ``model.head`` too), and both declare ``tied={"wte": ...}``:
     the schedule keeps the copies equal. Where one rank holds both (V placement), they keep
     one Parameter, declared by both stages. ``convert`` turns every Linear of this rank's
-    stages into ``ppfast.nn.Linear`` (split backward for the zero-bubble schedules).
+    stages into ``ppfast.nn.Linear`` (split backward for the zero-bubble schedules); ``wrap``
+    (a module -> module function, e.g. a DistributedDataParallel constructor) is applied to
+    each stage's module.
     """
     parts = split_stages(model, num_stages)
     last = num_stages - 1
@@ -200,6 +203,8 @@ def pipeline_stages(
             tied["wte"] = model.embed.wte.weight
         if s == last:
             tied["wte"] = model.head.weight
+        if wrap is not None:
+            mod = wrap(mod)
         out.append(ppfast.PipelineStage(mod, s, num_stages, "cpu", group=group, tied=tied))
     return out
 

@@ -11,8 +11,9 @@ the parameters after the last step must match: fp32, rtol=1e-5, atol=1e-6.
   replicas. Under 1F1B (2 stages) and ZB-V (4 stages, two per rank, V placement): gradients
   posted while the pipeline still runs (overlap) and all at the end; Linear layers converted to
   ``ppfast.nn.Linear`` (split backward) with fp32 main grads; torch's ZeroRedundancyOptimizer
-  over the data-parallel group; gradients accumulated over two steps with ``no_sync``. Both
-  replicas must end bit-identical.
+  over the data-parallel group; gradients accumulated over two steps with ``no_sync``; and,
+  instead of ``DataParallelGrads``, each stage module wrapped in DistributedDataParallel
+  (with and without accumulation in ``ddp.no_sync()``). Both replicas must end bit-identical.
 - PP=2 on 2 ranks, 8 microbatches, under 1F1B and ZB-V (converted).
 
 The head's weight is the embedding's: where the first and last stage are on different ranks
@@ -51,6 +52,10 @@ PP_DP = [
     # accumulating over two steps: under 1F1B the tie's owners are on two ranks, under ZB-V
     # one Parameter on one rank
     ("1f1b", "no-sync"),
+    # each stage module wrapped in DistributedDataParallel over the data-parallel group,
+    # without DataParallelGrads; with and without accumulation in ddp.no_sync()
+    ("1f1b", "ddp"),
+    ("1f1b", "ddp+no-sync"),
     ("zb-v", "no-sync"),
     ("zb-v", "split"),
     ("zb-v", "split+main-grad"),
@@ -77,7 +82,17 @@ def train_rank(mesh, schedule: str, variant: str) -> dict:
     where = ppfast.v_placement(2) if schedule == "zb-v" else ppfast.loop_placement(2, 1)
     mine = [s for s, r in enumerate(where) if r == mesh.pp_rank]
     model = gpt2.GPT2(CFG)
-    stages = gpt2.pipeline_stages(model, n, mine, mesh.pp_group, convert="split" in variant)
+    ddp = "ddp" in variant
+    wrap = None
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        def wrap(mod):
+            return DistributedDataParallel(mod, process_group=mesh.dp_group)
+
+    stages = gpt2.pipeline_stages(
+        model, n, mine, mesh.pp_group, convert="split" in variant, wrap=wrap
+    )
     params = list({id(q): q for s in stages for q in s.submod.parameters()}.values())
     main = "main-grad" in variant
     if main:
@@ -93,11 +108,23 @@ def train_rank(mesh, schedule: str, variant: str) -> dict:
             if id(q) in by_autograd:  # before the reducer's hooks, so that these run first
                 q.register_post_accumulate_grad_hook(megatron_hook)
     # "no-sync": each optimizer step accumulates two steps of half the microbatches
-    parts = 2 if variant == "no-sync" else 1
+    parts = 2 if "no-sync" in variant else 1
     sched = SCHEDULES[schedule](stages if len(stages) > 1 else stages[0], m // parts, gpt2.loss_fn)
-    reducer = ppfast.parallel.DataParallelGrads(
-        sched, mesh.dp_group, bucket_mb=BUCKET_MB, overlap="no-overlap" not in variant
-    )
+    if ddp:
+        reducer = None
+    else:
+        reducer = ppfast.parallel.DataParallelGrads(
+            sched, mesh.dp_group, bucket_mb=BUCKET_MB, overlap="no-overlap" not in variant
+        )
+
+    def no_sync():
+        if reducer is not None:
+            return reducer.no_sync()
+        stack = contextlib.ExitStack()
+        for s in stages:
+            stack.enter_context(s.submod.no_sync())
+        return stack
+
     opt = optimizer(params, mesh.dp_group, variant == "zero-1")
     out = {"losses": [], "posted": []}
     for step in range(STEPS):
@@ -106,21 +133,22 @@ def train_rank(mesh, schedule: str, variant: str) -> dict:
             opt.zero_grad()
         losses: list = []
         for part, (x, y) in enumerate(zip(ids.chunk(parts), target.chunk(parts), strict=True)):
-            with reducer.no_sync() if part < parts - 1 else contextlib.nullcontext():
+            with no_sync() if part < parts - 1 else contextlib.nullcontext():
                 sched.step(
                     *((x,) if 0 in mine else ()), target=y if n - 1 in mine else None, losses=losses
                 )
-        reducer.reduce()
+        if reducer is not None:
+            reducer.reduce()
         if parts > 1:  # each step took the mean over its own microbatches
             for q in params:
                 q.grad.div_(parts)
         out["losses"].append([float(x) for x in losses])
-        out["posted"].append(reducer.posted_before_reduce)
+        out["posted"].append(reducer.posted_before_reduce if reducer else None)
         if main:
             main_grad_step(opt, params)
         else:
             opt.step()
-    out["buckets"] = len(reducer.buckets)
+    out["buckets"] = len(reducer.buckets) if reducer else None
     out["params"] = gpt2.named_params(model, params)
     return out
 
@@ -155,13 +183,14 @@ def run_group(rank: int, world: int, dp: int, todo: list) -> dict:
 def refuse_ddp(mesh) -> str:
     from torch.nn.parallel import DistributedDataParallel
 
-    ddp = DistributedDataParallel(torch.nn.Linear(2, 2), process_group=mesh.dp_group)
+    split = DistributedDataParallel(ppfast.nn.Linear(2, 2), process_group=mesh.dp_group)
     try:
-        ppfast.PipelineStage(ddp, 0, 2, "cpu", group=mesh.pp_group)
-        return "stage accepted"
+        ppfast.PipelineStage(split, 0, 2, "cpu", group=mesh.pp_group)
+        return "a DDP module with split layers was accepted"
     except TypeError as e:
         if "ddp.module" not in str(e):
             return f"stage: {e}"
+    ddp = DistributedDataParallel(torch.nn.Linear(2, 2), process_group=mesh.dp_group)
     try:
         ppfast.parallel.DataParallelGrads(ddp, mesh.dp_group)
     except ValueError as e:
@@ -260,6 +289,8 @@ def test_pp2_dp2_matches_one_device(group_run, schedule, variant):
     check(per_rank, (schedule, variant), dp=2)
     for r in per_rank:
         res = r[(schedule, variant)]
+        if "ddp" in variant:
+            continue  # DDP reduced: nothing of DataParallelGrads to check
         assert res["posted"][0] == 0, "the first step is measured, not overlapped"
         if "no-overlap" in variant:
             assert res["posted"] == [0] * STEPS
