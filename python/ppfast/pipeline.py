@@ -254,6 +254,7 @@ class PipelineSchedule:
         self.last_metrics = self._runner.step()
         for s in self.stages:
             s.check_clean()
+            s.finish_step()
         if self._ties is not None:
             self._ties.reduce()  # after the last W: every owner gets the summed gradient
         if last is None:

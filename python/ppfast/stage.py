@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
+from .dp_wrappers import wrapper_of
 from .nn.grad_hooks import HookRouter
 from .nn.linear import Linear, attach_store
 from .nn.weight_grad_store import WeightGradStore
@@ -41,12 +41,10 @@ class PipelineStage:
     (in ``main_grad`` where the parameter has one, else ``.grad``), before the optimizer runs.
     Owners may sit on any ranks, or on one (V placement), and may be one Parameter object.
 
-    ``module`` may be wrapped in ``DistributedDataParallel`` over a data-parallel group (as
-    torch's PipelineStage allows): every forward and backward of a step runs under
-    ``no_sync()`` except the stage's last backward, which reduces the whole step's gradients
-    (inside ``ddp.no_sync()`` the step reduces nothing, for gradient accumulation).
-    ``ppfast.parallel.DataParallelGrads`` does the same for plain modules and also takes
-    split layers and main grads.
+    ``module`` may be wrapped in ``DistributedDataParallel`` or FSDP's ``fully_shard`` over a
+    data-parallel group, as torch's PipelineStage allows: the stage makes it reduce the whole
+    step's gradients once (see :mod:`ppfast.dp_wrappers`). ``ppfast.parallel.DataParallelGrads``
+    does the same for plain modules and overlaps the pipeline's tail.
     """
 
     def __init__(
@@ -62,14 +60,10 @@ class PipelineStage:
     ):
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-        self._ddp = isinstance(module, nn.parallel.DistributedDataParallel)
-        if self._ddp and any(isinstance(m, Linear) for m in module.modules()):
-            raise TypeError(
-                f"stage {stage_index}: DistributedDataParallel reduces the gradients autograd "
-                "accumulates, and ppfast.nn.Linear layers compute theirs outside autograd (in "
-                "W); wrap the unconverted module in DDP, or give the stage the plain module "
-                "(ddp.module) and reduce with ppfast.parallel.DataParallelGrads"
-            )
+        # a DDP or FSDP module is driven so that it reduces once per step (dp_wrappers.py)
+        self._dp = wrapper_of(
+            module, stage_index, any(isinstance(m, Linear) for m in module.modules())
+        )
         if not 0 <= stage_index < num_stages:
             raise ValueError(
                 f"stage_index {stage_index} is outside [0, {num_stages}); stages are numbered "
@@ -105,7 +99,6 @@ class PipelineStage:
     # ------------------------------------------------------------------ per step
 
     def _reset(self, m: int) -> None:
-        self._backwards_left = 0
         self._args: list[tuple] = [()] * m
         self._kwargs: list[dict] = [{}] * m
         self._targets: list[object] = [None] * m
@@ -117,9 +110,7 @@ class PipelineStage:
     def prepare(self, m: int, args, kwargs, targets, loss_fn, scale: float) -> None:
         """Microbatch inputs (first stage) and targets (last stage) for the next step."""
         self._reset(m)
-        # DDP reduces at the stage's last backward of the step, unless the step runs inside
-        # the caller's ddp.no_sync()
-        self._backwards_left = m if self._ddp and self.submod.require_backward_grad_sync else 0
+        self._dp.begin_step(m)
         if self.is_first:
             self._args, self._kwargs = args, kwargs
         if self.is_last:
@@ -134,6 +125,10 @@ class PipelineStage:
 
     def losses(self) -> list[torch.Tensor]:
         return [self._losses[i] for i in sorted(self._losses)]
+
+    def finish_step(self) -> None:
+        """After the step's last action on this rank: a DDP or FSDP module's reduction."""
+        self._dp.end_step()
 
     def check_clean(self) -> None:
         """Every microbatch's tensors were dropped by its last backward, and every deferred
@@ -160,7 +155,7 @@ class PipelineStage:
                 saved.add(t.untyped_storage().data_ptr())
             return t
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), self._no_sync():
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), self._dp.forward():
             out = self.submod(*args, **kwargs)
         if self.is_last:
             self._finish_last(mb, out, leaves)
@@ -201,27 +196,11 @@ class PipelineStage:
     def backward(self, mb: int, grads: Sequence[torch.Tensor] | None, full: bool):
         """Input gradients now. For an I (``full`` False) split layers leave their weight
         gradients to this microbatch's W; every other layer computes them here."""
-        reduce = False
-        if self._backwards_left:
-            self._backwards_left -= 1
-            reduce = self._backwards_left == 0
-        with self.weight_store.backward(mb, defer=not full), self._no_sync(not reduce):
-            return self._backward(mb, grads, reduce)
-
-    def _no_sync(self, on: bool = True):
-        if self._ddp and on:
-            return self.submod.no_sync()
-        return contextlib.nullcontext()
-
-    def _backward(self, mb: int, grads: Sequence[torch.Tensor] | None, reduce: bool = False):
         outs = self._outputs.pop(mb)
-        if reduce:
-            # what DDP's forward does when it is not in no_sync(): from here on its hooks
-            # reduce every gradient as it becomes final
-            from torch.nn.parallel.distributed import _find_tensors
+        with self.weight_store.backward(mb, defer=not full), self._dp.backward(outs):
+            return self._backward(mb, outs, grads)
 
-            unused = self.submod.find_unused_parameters
-            self.submod.reducer.prepare_for_backward(list(_find_tensors(outs)) if unused else [])
+    def _backward(self, mb: int, outs, grads: Sequence[torch.Tensor] | None):
         if self.is_last:
             torch.autograd.backward(outs[0])
         else:

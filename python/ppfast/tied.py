@@ -66,6 +66,20 @@ class _Plan:
     ranks: tuple[int, ...]  # owning ranks, root first, then ascending
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """What a tie's owners exchange: the tensor, or an FSDP-sharded parameter's (a DTensor's)
+    local shard, a view; owners of one data-parallel index hold the same shard."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without torch.distributed
+        return False
+    return isinstance(t, DTensor)
+
+
 def grad_buffer(p: nn.Parameter) -> torch.Tensor | None:
     main = getattr(p, "main_grad", None)
     return main if main is not None else p.grad
@@ -113,13 +127,13 @@ class TiedParameters:
             params = _distinct(held)
             if self.plans[key].root == self.rank:
                 for p in params[1:]:
-                    p.copy_(params[0])
+                    _local(p).copy_(_local(params[0]))
             # the root's value to send, or on another owner the parameter to receive like
-            values[key] = params[0].detach()
+            values[key] = _local(params[0]).detach()
         received = self.comm.broadcast(values, self.plans) if self._remote else {}
         for key, value in received.items():
             for p in _distinct(self.local[key]):
-                p.copy_(value)
+                _local(p).copy_(value)
 
     def begin_step(self) -> None:
         """Before a step every owner holds the same gradient (the earlier steps' sum, when steps
@@ -148,7 +162,7 @@ class TiedParameters:
                 if buf is None:
                     p.grad = total.to(p.dtype, copy=True)
                 elif buf is not total:
-                    buf.copy_(total)
+                    _local(buf).copy_(total)
 
 
 def _distinct(held: list[tuple[int, nn.Parameter]]) -> list[nn.Parameter]:
@@ -161,8 +175,8 @@ def _distinct(held: list[tuple[int, nn.Parameter]]) -> list[nn.Parameter]:
 
 def _local_sum(params: list[nn.Parameter]) -> torch.Tensor:
     """This rank's share of a key's gradient, in the dtype sums are made in."""
-    bufs = [b for b in map(grad_buffer, params) if b is not None]
-    p0 = params[0]
+    bufs = [_local(b) for b in map(grad_buffer, params) if b is not None]
+    p0 = _local(params[0])
     wire = torch.promote_types(p0.dtype, torch.float32)  # 16-bit gradients are summed in fp32
     if not bufs:
         return torch.zeros(p0.shape, dtype=wire, device=p0.device)

@@ -198,13 +198,13 @@ def pipeline_stages(
     out = []
     for s in mine:
         mod = ppfast.nn.convert(parts[s]) if convert else parts[s]
+        if wrap is not None:  # first: FSDP replaces the parameters with sharded ones
+            mod = wrap(mod)
         tied = {}
         if s == 0:
             tied["wte"] = model.embed.wte.weight
         if s == last:
             tied["wte"] = model.head.weight
-        if wrap is not None:
-            mod = wrap(mod)
         out.append(ppfast.PipelineStage(mod, s, num_stages, "cpu", group=group, tied=tied))
     return out
 

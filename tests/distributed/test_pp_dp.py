@@ -13,7 +13,8 @@ the parameters after the last step must match: fp32, rtol=1e-5, atol=1e-6.
   ``ppfast.nn.Linear`` (split backward) with fp32 main grads; torch's ZeroRedundancyOptimizer
   over the data-parallel group; gradients accumulated over two steps with ``no_sync``; and,
   instead of ``DataParallelGrads``, each stage module wrapped in DistributedDataParallel
-  (with and without accumulation in ``ddp.no_sync()``). Both replicas must end bit-identical.
+  (with and without accumulation in ``ddp.no_sync()``) or sharded with FSDP's
+  ``fully_shard`` (1F1B, and ZB-H1 with split layers). Both replicas must end bit-identical.
 - PP=2 on 2 ranks, 8 microbatches, under 1F1B and ZB-V (converted).
 
 The head's weight is the embedding's: where the first and last stage are on different ranks
@@ -40,7 +41,11 @@ RTOL, ATOL = 1e-5, 1e-6
 CFG = gpt2.GPT2Config()
 MICROBATCH, GLOBAL_MB, STEPS, LR = 2, 8, 3, 0.05
 BUCKET_MB = 0.02  # a few blocks per bucket, so that several are posted during the step
-SCHEDULES = {"1f1b": ppfast.Schedule1F1B, "zb-v": ppfast.ScheduleZBVZeroBubble}
+SCHEDULES = {
+    "1f1b": ppfast.Schedule1F1B,
+    "zb-h1": ppfast.ScheduleZBH1,
+    "zb-v": ppfast.ScheduleZBVZeroBubble,
+}
 
 # (schedule, variant); variants: "plain" (DataParallelGrads, overlap), "no-overlap",
 # "split" (converted Linear layers), "split+main-grad" (and fp32 main grads),
@@ -56,6 +61,10 @@ PP_DP = [
     # without DataParallelGrads; with and without accumulation in ddp.no_sync()
     ("1f1b", "ddp"),
     ("1f1b", "ddp+no-sync"),
+    # each block and each stage module sharded with FSDP's fully_shard over the data-parallel
+    # group; under ZB-H1 with split Linear layers (weight gradients in W, before FSDP reduces)
+    ("1f1b", "fsdp"),
+    ("zb-h1", "fsdp+split"),
     ("zb-v", "no-sync"),
     ("zb-v", "split"),
     ("zb-v", "split+main-grad"),
@@ -82,13 +91,21 @@ def train_rank(mesh, schedule: str, variant: str) -> dict:
     where = ppfast.v_placement(2) if schedule == "zb-v" else ppfast.loop_placement(2, 1)
     mine = [s for s, r in enumerate(where) if r == mesh.pp_rank]
     model = gpt2.GPT2(CFG)
-    ddp = "ddp" in variant
+    ddp, fsdp = "ddp" in variant, "fsdp" in variant
     wrap = None
     if ddp:
         from torch.nn.parallel import DistributedDataParallel
 
         def wrap(mod):
             return DistributedDataParallel(mod, process_group=mesh.dp_group)
+
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        def wrap(mod):
+            for block in mod.blocks:
+                fully_shard(block, mesh=mesh.device_mesh["dp"])
+            return fully_shard(mod, mesh=mesh.device_mesh["dp"])
 
     stages = gpt2.pipeline_stages(
         model, n, mine, mesh.pp_group, convert="split" in variant, wrap=wrap
@@ -110,7 +127,7 @@ def train_rank(mesh, schedule: str, variant: str) -> dict:
     # "no-sync": each optimizer step accumulates two steps of half the microbatches
     parts = 2 if "no-sync" in variant else 1
     sched = SCHEDULES[schedule](stages if len(stages) > 1 else stages[0], m // parts, gpt2.loss_fn)
-    if ddp:
+    if ddp or fsdp:
         reducer = None
     else:
         reducer = ppfast.parallel.DataParallelGrads(
@@ -149,7 +166,9 @@ def train_rank(mesh, schedule: str, variant: str) -> dict:
         else:
             opt.step()
     out["buckets"] = len(reducer.buckets) if reducer else None
-    out["params"] = gpt2.named_params(model, params)
+    out["params"] = {
+        name: t.full_tensor() if fsdp else t for name, t in gpt2.named_params(model, params).items()
+    }
     return out
 
 
@@ -289,8 +308,8 @@ def test_pp2_dp2_matches_one_device(group_run, schedule, variant):
     check(per_rank, (schedule, variant), dp=2)
     for r in per_rank:
         res = r[(schedule, variant)]
-        if "ddp" in variant:
-            continue  # DDP reduced: nothing of DataParallelGrads to check
+        if variant.split("+")[0] in ("ddp", "fsdp"):
+            continue  # DDP or FSDP reduced: nothing of DataParallelGrads to check
         assert res["posted"][0] == 0, "the first step is measured, not overlapped"
         if "no-overlap" in variant:
             assert res["posted"] == [0] * STEPS
