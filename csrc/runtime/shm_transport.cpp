@@ -12,7 +12,9 @@
 #include <atomic>
 #include <cerrno>
 #include <climits>
+#include <cstdio>
 #include <cstring>
+#include <functional>
 #include <algorithm>
 #include <deque>
 #include <map>
@@ -159,9 +161,17 @@ struct ShmState {
 
   Inbox* mine() { return inboxes[rank]; }
 
+  // "/ppfast-<sender's pid>-<group>-<dst>-<slot>-<gen>": the pid first, so that a name a
+  // crashed run left behind can be recognised as garbage (transports.py sweeps them).
   std::string data_name(int src, int dst, int slot, uint64_t gen) const {
-    return name + "-" + std::to_string(src) + "-" + std::to_string(dst) + "-" +
-           std::to_string(slot) + "-" + std::to_string(gen);
+    char group[17];
+    std::snprintf(group, sizeof(group), "%016zx", std::hash<std::string>{}(name));
+    return "/ppfast-" + std::to_string(pids[src]) + "-" + group + "-" + std::to_string(dst) +
+           "-" + std::to_string(slot) + "-" + std::to_string(gen);
+  }
+
+  bool alive(int r) const {
+    return pids[r] <= 0 || kill(static_cast<pid_t>(pids[r]), 0) == 0 || errno != ESRCH;
   }
 
   // ------------------------------------------------------------------ sending
@@ -251,14 +261,17 @@ struct ShmState {
   void deliver(int src, int index, RecvOp& op) {
     const Slot& slot = mine()->lanes[src].slots[index];
     const size_t nbytes = op.tensor.nbytes();
+    Mapping& seg = in[src][index];
     if (slot.nbytes != nbytes) {
+      if (slot.nbytes > 0 && seg.gen != slot.gen) {  // dropped unread: its name goes now
+        shm_unlink(data_name(src, rank, index, slot.gen).c_str());
+      }
       op.error = "message of " + std::to_string(slot.nbytes) + " bytes from rank " +
                  std::to_string(src) + " does not fit a " + std::to_string(nbytes) +
                  "-byte receive buffer";
       op.tensor = at::Tensor();
       return;
     }
-    Mapping& seg = in[src][index];
     if (nbytes > 0 && (seg.ptr == nullptr || seg.gen != slot.gen)) {
       seg.unmap();
       const std::string seg_name = data_name(src, rank, index, slot.gen);
@@ -290,10 +303,12 @@ struct ShmState {
     const auto now = std::chrono::steady_clock::now();
     if (now < next_alive_check) return;
     next_alive_check = now + std::chrono::milliseconds(100);
-    const int64_t pid = pids[peer];
-    if (pid > 0 && kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) {
-      throw TransportError("rank " + std::to_string(peer) + " (pid " + std::to_string(pid) +
-                               ") has exited",
+    if (!alive(peer)) {
+      for (Mapping& seg : out[peer]) {  // what it never took, it never will
+        if (!seg.name.empty()) shm_unlink(seg.name.c_str());
+      }
+      throw TransportError("rank " + std::to_string(peer) + " (pid " +
+                               std::to_string(pids[peer]) + ") has exited",
                            false);
     }
   }
@@ -445,7 +460,8 @@ ShmTransport::~ShmTransport() {
       seg.unmap();
       if (seg.name.empty()) continue;
       Inbox* box = st.inboxes[dst];
-      if (box != nullptr && box->lanes[rank_].slots[i].state.load() == kFull) continue;
+      const bool in_flight = box != nullptr && box->lanes[rank_].slots[i].state.load() == kFull;
+      if (in_flight && st.alive(dst)) continue;
       shm_unlink(seg.name.c_str());
     }
   }

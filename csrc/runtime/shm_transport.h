@@ -7,15 +7,18 @@
 //
 // Layout. Every rank owns an inbox segment ("<name>-in-<rank>") holding one lane per peer;
 // a lane has kSlots message slots. A sender takes a free slot of its lane in the receiver's
-// inbox, copies the tensor into that slot's data segment ("<name>-<src>-<dst>-<slot>-<gen>",
-// created by the sender and grown by replacing it with a new generation), writes tag, size
+// inbox, copies the tensor into that slot's data segment ("/ppfast-<sender's pid>-<group>-
+// <dst>-<slot>-<gen>", created by the sender and grown by replacing it with a new
+// generation), writes tag, size
 // and a sequence number, marks the slot full and wakes the receiver. Whenever a rank calls
 // into the transport (posts, polls or waits), every message in its inbox that a posted
 // receive wants (same source and tag; the oldest first) is copied into that receive's buffer
 // and its slot freed, so receives posted early complete in any order. Sends that find no
 // free slot wait in a queue that every call of this rank drives, so a rank blocked on a
 // receive still delivers what it owes. Names are unlinked as soon as both sides have mapped
-// them: nothing is left in /dev/shm after the ranks exit.
+// them, or by the sender when the receiver died: nothing is left in /dev/shm after the ranks
+// exit. (Should both die with a message in flight, the pid in its name lets a later run
+// recognise it as garbage.)
 //
 // Failure. abort() marks every peer's inbox with this rank and the reason; waits check it,
 // check that the peer's process is alive, and time out.

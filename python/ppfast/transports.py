@@ -11,13 +11,17 @@
   else ``c10d``.
 
 Setting up ``shm`` takes one all-gather and two barriers over the group, at the first step.
+Its names in /dev/shm go as soon as both sides have mapped them; what a crashed run left
+behind (names whose creating process is gone, a minute old or more) is removed then too.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import socket
+import time
 
 from ._native import C
 
@@ -30,6 +34,42 @@ def _boot_id() -> str:
             return f.read().strip()
     except OSError:
         return ""
+
+
+SHM_DIR = "/dev/shm"
+_OURS = re.compile(r"ppfast-(\d+)-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+def sweep(min_age: float = 60.0, where: str = SHM_DIR) -> list[str]:
+    """Remove shared-memory names of this transport whose creating process (the pid after
+    "ppfast-") has exited and that are at least ``min_age`` seconds old; returns them."""
+    try:
+        names = os.listdir(where)
+    except OSError:
+        return []
+    gone, now = [], time.time()
+    for name in names:
+        m = _OURS.match(name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        path = os.path.join(where, name)
+        try:
+            if now - os.stat(path).st_mtime >= min_age:
+                os.unlink(path)
+                gone.append(name)
+        except OSError:  # another process swept it first
+            pass
+    return gone
 
 
 def check_kind(kind: str | None) -> str:
@@ -67,6 +107,7 @@ def transport_for(group, device_type: str, kind: str | None = None, timeout: flo
             )
         return C.C10dTransport(group, device_type)
     name = everyone[0][2]  # the group's first rank names it
+    sweep()
     shm = C.ShmTransport(name, rank, size)
     try:
         dist.barrier(group=group)  # every inbox exists

@@ -161,7 +161,8 @@ def leaves_nothing(rank: int, world: int) -> dict:
 
     before = _ours()
     t = _shm(rank, world)
-    after_setup = _ours()  # inbox names are gone once every rank has connected
+    dist.barrier()  # each rank removes its own inbox name once all have connected
+    after_setup = _ours()
     peer = 1 - rank
     # the second message grows the slot's segment; rank 1 keeps one message it never takes
     for n in (1000, 100_000):
@@ -216,3 +217,29 @@ def test_an_unknown_transport_is_refused_before_any_communication(monkeypatch):
     with pytest.raises(ValueError, match="PPFAST_TRANSPORT"):
         stage = ppfast.PipelineStage(torch.nn.Linear(2, 2), 0, 2, "cpu")
         ppfast.Schedule1F1B(stage, 2, lambda y, t: y.sum())
+
+
+def test_names_a_crashed_run_left_are_swept(tmp_path):
+    import subprocess
+    import sys
+
+    from ppfast.transports import sweep
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    pid = int(dead.stdout)
+    old, young, live = (
+        tmp_path / f"ppfast-{pid}-0123456789abcdef-1-0-1",
+        tmp_path / f"ppfast-{pid}-0123456789abcdef-1-1-1",
+        tmp_path / f"ppfast-{os.getpid()}-0123456789abcdef-1-0-1",
+    )
+    for path in (old, young, live):
+        path.write_bytes(b"x")
+    an_hour_ago = time.time() - 3600
+    for path in (old, live):
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    (tmp_path / "other-1-2").write_bytes(b"x")
+    assert sweep(where=str(tmp_path)) == [old.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [young.name, live.name, "other-1-2"]
+    )
