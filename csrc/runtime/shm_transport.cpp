@@ -100,11 +100,16 @@ void* create_segment(const std::string& name, size_t bytes) {
     fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
   }
   if (fd < 0) throw TransportError(sys_error("shm_open of " + name), false);
-  if (ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
+  // Reserve the pages now: a full /dev/shm is then this error, not a SIGBUS at the memcpy.
+  const int err = posix_fallocate(fd, 0, static_cast<off_t>(bytes));
+  if (err != 0) {
     close(fd);
     shm_unlink(name.c_str());
-    throw TransportError(sys_error("ftruncate of " + name + " to " + std::to_string(bytes) +
-                                   " bytes (is /dev/shm large enough?)"),
+    errno = err;
+    throw TransportError(sys_error("cannot reserve " + std::to_string(bytes) + " bytes of " +
+                                   "shared memory for " + name) +
+                             " (/dev/shm is too small: give it more, e.g. docker run "
+                             "--shm-size=8g, or use transport='c10d')",
                          false);
   }
   return map_fd(fd, bytes, name);

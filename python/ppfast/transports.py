@@ -7,8 +7,8 @@
   memcpy on each side instead of a trip through loopback TCP and gloo's I/O threads, which on
   a busy CPU host take a core for the length of every transfer.
 - ``"auto"`` (the default; the environment variable ``PPFAST_TRANSPORT`` overrides it):
-  ``shm`` when the tensors are on the CPU and every rank of the group runs on this host,
-  else ``c10d``.
+  ``shm`` when the tensors are on the CPU, every rank of the group runs on this host and
+  /dev/shm has at least 1 GiB free (containers often give it 64 MiB), else ``c10d``.
 
 Setting up ``shm`` takes one all-gather and two barriers over the group, at the first step.
 Its names in /dev/shm go as soon as both sides have mapped them; what a crashed run left
@@ -72,6 +72,17 @@ def sweep(min_age: float = 60.0, where: str = SHM_DIR) -> list[str]:
     return gone
 
 
+AUTO_MIN_FREE = 1 << 30
+
+
+def _shm_free(where: str = SHM_DIR) -> int:
+    try:
+        st = os.statvfs(where)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
 def check_kind(kind: str | None) -> str:
     kind = kind or os.environ.get("PPFAST_TRANSPORT", "auto") or "auto"
     if kind not in KINDS:
@@ -95,10 +106,13 @@ def transport_for(group, device_type: str, kind: str | None = None, timeout: flo
             "transport='c10d' (NCCL) or ppfast.Pipe on one device"
         )
     rank, size = dist.get_rank(group), dist.get_world_size(group)
-    here = (socket.gethostname(), _boot_id(), f"/ppfast-{os.getpid()}-{secrets.token_hex(6)}")
+    name = f"/ppfast-{os.getpid()}-{secrets.token_hex(6)}"
+    here = (socket.gethostname(), _boot_id(), name, _shm_free() >= AUTO_MIN_FREE)
     everyone: list = [None] * size
-    dist.all_gather_object(everyone, here, group=group)
-    hosts = {(h, b) for h, b, _ in everyone}
+    dist.all_gather_object(everyone, here, group=group)  # so that all ranks decide alike
+    hosts = {(h, b) for h, b, _, _ in everyone}
+    if kind == "auto" and not all(room for *_, room in everyone):
+        return C.C10dTransport(group, device_type)
     if len(hosts) > 1:
         if kind == "shm":
             raise ValueError(
@@ -106,7 +120,7 @@ def transport_for(group, device_type: str, kind: str | None = None, timeout: flo
                 f"{len(hosts)} ({', '.join(sorted(h for h, _ in hosts))}): use transport='c10d'"
             )
         return C.C10dTransport(group, device_type)
-    name = everyone[0][2]  # the group's first rank names it
+    name = everyone[0][2]  # the group's first rank's name
     sweep()
     shm = C.ShmTransport(name, rank, size)
     try:

@@ -163,6 +163,7 @@ def leaves_nothing(rank: int, world: int) -> dict:
     t = _shm(rank, world)
     dist.barrier()  # each rank removes its own inbox name once all have connected
     after_setup = _ours()
+    dist.barrier()  # both have looked before either sends
     peer = 1 - rank
     # the second message grows the slot's segment; rank 1 keeps one message it never takes
     for n in (1000, 100_000):
@@ -197,14 +198,22 @@ def kinds(rank: int, world: int) -> dict:
     }
     os.environ["PPFAST_TRANSPORT"] = "c10d"
     out["env"] = transport_for(dist.group.WORLD, "cpu", None).name
+    # a /dev/shm with less room than auto asks for (one rank's view is enough)
+    import ppfast.transports
+
+    if rank == 1:
+        ppfast.transports.AUTO_MIN_FREE = 1 << 62
+    out["small"] = transport_for(dist.group.WORLD, "cpu", "auto").name
+    out["small-forced"] = transport_for(dist.group.WORLD, "cpu", "shm").name
     return out
 
 
-def test_auto_picks_shared_memory_for_cpu_ranks_of_one_host():
+def test_auto_picks_shared_memory_for_cpu_ranks_of_one_host_with_room():
     for res in run_ranks(kinds, 2, timeout=60.0):
         assert res["auto"] == "shm", res
         assert res["c10d"].startswith("c10d"), res
         assert res["env"].startswith("c10d"), res
+        assert res["small"].startswith("c10d") and res["small-forced"] == "shm", res
 
 
 def test_an_unknown_transport_is_refused_before_any_communication(monkeypatch):
