@@ -114,30 +114,14 @@ def test_a_message_that_does_not_fit_its_buffer_is_an_error():
     assert "40 bytes from rank 0" in msg and "48-byte receive buffer" in msg, msg
 
 
-def give_up(rank: int, world: int) -> dict:
+def fail_rank_0(rank: int, world: int, how: str) -> dict:
+    """Rank 0 gives up (abort) or exits 0.3 s in; rank 1 waits for a message from it."""
     t = _shm(rank, world)
     if rank == 0:
         time.sleep(0.3)
-        t.abort("rank 0 raised: out of memory")
-        return {}
-    start = time.monotonic()
-    try:
-        t.recv(torch.empty(4), 0, 1).wait(WAIT)
-    except RuntimeError as e:
-        return {"message": str(e), "elapsed": time.monotonic() - start}
-    return {"message": "no error"}
-
-
-def test_a_peer_that_gives_up_fails_the_wait_at_once():
-    _, got = run_ranks(give_up, 2, timeout=60.0)
-    assert "rank 0 gave up: rank 0 raised: out of memory" in got["message"], got
-    assert got["elapsed"] < WAIT / 2, got
-
-
-def dies(rank: int, world: int) -> dict:
-    t = _shm(rank, world)
-    if rank == 0:
-        time.sleep(0.3)
+        if how == "abort":
+            t.abort("rank 0 raised: out of memory")
+            return {}
         os._exit(1)
     start = time.monotonic()
     try:
@@ -147,9 +131,14 @@ def dies(rank: int, world: int) -> dict:
     return {"message": "no error"}
 
 
+def test_a_peer_that_gives_up_fails_the_wait_at_once():
+    _, got = run_ranks(fail_rank_0, 2, "abort", timeout=60.0)
+    assert "rank 0 gave up: rank 0 raised: out of memory" in got["message"], got
+    assert got["elapsed"] < WAIT / 2, got
+
+
 def test_a_peer_that_dies_fails_the_wait_without_its_timeout():
-    res = run_ranks(dies, 2, timeout=60.0, may_exit={0})
-    got = res[1]
+    got = run_ranks(fail_rank_0, 2, "exit", timeout=60.0, may_exit={0})[1]
     assert "rank 0 (pid" in got["message"] and "has exited" in got["message"], got
     assert got["elapsed"] < WAIT / 2, got
 
