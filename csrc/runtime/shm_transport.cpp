@@ -141,10 +141,8 @@ struct PendingSend {
   bool sent = false;
 };
 
-struct RecvOp {
+struct RecvOp {  // found by (source, tag) in ShmState::posted
   at::Tensor tensor;  // contiguous; released once filled
-  int src;
-  int64_t tag;
   bool done = false;
   std::string error;  // set instead of done when the message cannot be delivered
 };
@@ -530,8 +528,6 @@ std::shared_ptr<Handle> ShmTransport::recv(const at::Tensor& tensor, int peer, i
   }
   auto op = std::make_shared<RecvOp>();
   op->tensor = tensor;
-  op->src = peer;
-  op->tag = tag;
   {
     std::lock_guard<std::mutex> lock(state_->mu);
     state_->posted[{peer, tag}].push_back(op);

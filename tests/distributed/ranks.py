@@ -140,3 +140,22 @@ def run_ranks(
         more = f"\nranks {missing} had not finished when they were killed" if missing else ""
         raise RanksFailed(f"{fn.__name__} failed on ranks {sorted(errors)}:\n{text}{more}")
     return [done[r] for r in range(world_size)]
+
+
+def run_once(build: Callable) -> Callable:
+    """``get(*key)``: ``build(*key)`` run on first use and kept; a failure (``RanksFailed`` or
+    any AssertionError) is kept too and raised again for every later caller of that key, so one
+    broken group fails each of its tests without running again."""
+    cache: dict[tuple, object] = {}
+
+    def get(*key):
+        if key not in cache:
+            try:
+                cache[key] = build(*key)
+            except AssertionError as e:
+                cache[key] = e
+        if isinstance(cache[key], BaseException):
+            raise cache[key]
+        return cache[key]
+
+    return get

@@ -22,7 +22,7 @@ import re
 
 import pytest
 import torch
-from ranks import run_ranks
+from ranks import run_once, run_ranks
 from toy_models import (
     MODELS,
     SCHEDULE_CLASSES,
@@ -68,28 +68,19 @@ def reference_of(model: str, p: int, m: int, stages: int) -> dict:
 
 @pytest.fixture(scope="module")
 def group_run():
-    """Results of the whole group for p, run once on first use; a failure is kept and raised
-    for every configuration of that p."""
-    cache: dict[tuple, object] = {}
+    """Results of the whole group for p (and transport), run once on first use; a failure is
+    kept and raised for every configuration of that p."""
 
-    def get(p: int, transport: str | None = None) -> dict:
-        key = (p, transport)
-        if key not in cache:
-            todo = configs(p) if transport is None else C10D_CONFIGS(p)
-            try:
-                # generous: p = 4 puts four ranks on what may be two busy cores
-                per_rank = run_ranks(train_all, p, todo, transport, timeout=240.0)
-                cache[key] = {
-                    cfg: merge_ranks([r[cfg] for r in per_rank], num_stages_of(cfg[0], p) - 1)
-                    for cfg in todo
-                }
-            except AssertionError as e:
-                cache[key] = e
-        if isinstance(cache[key], BaseException):
-            raise cache[key]
-        return cache[key]
+    def build(p: int, transport: str | None = None) -> dict:
+        todo = configs(p) if transport is None else C10D_CONFIGS(p)
+        # generous: p = 4 puts four ranks on what may be two busy cores
+        per_rank = run_ranks(train_all, p, todo, transport, timeout=240.0)
+        return {
+            cfg: merge_ranks([r[cfg] for r in per_rank], num_stages_of(cfg[0], p) - 1)
+            for cfg in todo
+        }
 
-    return get
+    return run_once(build)
 
 
 @pytest.mark.parametrize("m_case", list(M_CASES))

@@ -31,7 +31,7 @@ import os
 import gpt2
 import pytest
 import torch
-from ranks import run_ranks
+from ranks import run_once, run_ranks
 from test_split_backward import main_grad_step, megatron_hook
 
 import ppfast
@@ -244,21 +244,13 @@ def reference() -> dict:
 @pytest.fixture(scope="module")
 def group_run():
     """Each mesh's results, run once on first use; a failure is kept and raised again."""
-    cache: dict[int, object] = {}
 
-    def get(dp: int) -> dict:
-        if dp not in cache:
-            todo = PP_DP if dp > 1 else PP_ONLY
-            try:
-                # generous: four ranks on what may be two busy cores
-                cache[dp] = run_ranks(run_group, 2 * dp, dp, todo, timeout=240.0)
-            except AssertionError as e:
-                cache[dp] = e
-        if isinstance(cache[dp], BaseException):
-            raise cache[dp]
-        return cache[dp]
+    def build(dp: int) -> list:
+        todo = PP_DP if dp > 1 else PP_ONLY
+        # generous: four ranks on what may be two busy cores
+        return run_ranks(run_group, 2 * dp, dp, todo, timeout=240.0)
 
-    return get
+    return run_once(build)
 
 
 def merge(per_rank: list[dict], cfg, dp: int) -> list[dict]:

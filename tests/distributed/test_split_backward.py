@@ -32,26 +32,28 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from ranks import run_ranks
+import toy_models
+from ranks import run_once, run_ranks
 from torch import nn
-from toy_models import TransformerBlock, assert_matches, merge_ranks
+from toy_models import (
+    SCHEDULE_CLASSES,
+    V_PLACED,
+    TransformerBlock,
+    assert_matches,
+    merge_ranks,
+)
 
 import ppfast
 
 RTOL, ATOL = 1e-5, 1e-6
 VOCAB, DIM, SEQ, MICROBATCH, STEPS, LR = 24, 16, 5, 2, 3, 0.05
 PS = (2, 4)
+# 1F1B beside every schedule with W actions (auto runs interleaved, two stages per rank)
 SCHEDULES = {
-    "1f1b": ppfast.Schedule1F1B,
-    "zb-h1": ppfast.ScheduleZBH1,
-    "zb-h2": ppfast.ScheduleZBH2,
-    "interleaved-zb": ppfast.ScheduleInterleavedZeroBubble,
-    "zb-v": ppfast.ScheduleZBVZeroBubble,
-    "dualpipev": ppfast.ScheduleDualPipeV,
-    "auto": ppfast.ScheduleAuto,
-}
-CHUNKED = frozenset({"interleaved-zb", "zb-v", "dualpipev", "auto"})
-V_PLACED = frozenset({"zb-v", "dualpipev"})
+    name: SCHEDULE_CLASSES[name]
+    for name in ("1f1b", "zb-h1", "zb-h2", "interleaved-zb", "zb-v", "dualpipev")
+} | {"auto": ppfast.ScheduleAuto}
+CHUNKED = (toy_models.CHUNKED & set(SCHEDULES)) | {"auto"}
 
 
 class First(nn.Module):
@@ -281,26 +283,17 @@ def train_all(rank: int, p: int, todo: list) -> dict:
 
 @pytest.fixture(scope="module")
 def group_run():
-    cache: dict[int, object] = {}
+    def build(p: int) -> dict:
+        todo = configs(p)
+        # generous: p = 4 puts four ranks on what may be two busy cores
+        per_rank = run_ranks(train_all, p, todo, timeout=240.0)
+        got = {"refused": [r["refused"] for r in per_rank]}
+        for cfg in todo:
+            n = 2 * p if cfg[0] in CHUNKED else p
+            got[cfg] = merge_ranks([r[cfg] for r in per_rank], n - 1)
+        return got
 
-    def get(p: int) -> dict:
-        if p not in cache:
-            todo = configs(p)
-            try:
-                # generous: p = 4 puts four ranks on what may be two busy cores
-                per_rank = run_ranks(train_all, p, todo, timeout=240.0)
-                got = {"refused": [r["refused"] for r in per_rank]}
-                for cfg in todo:
-                    n = 2 * p if cfg[0] in CHUNKED else p
-                    got[cfg] = merge_ranks([r[cfg] for r in per_rank], n - 1)
-                cache[p] = got
-            except AssertionError as e:
-                cache[p] = e
-        if isinstance(cache[p], BaseException):
-            raise cache[p]
-        return cache[p]
-
-    return get
+    return run_once(build)
 
 
 @pytest.mark.parametrize("p", PS)
