@@ -67,6 +67,7 @@ setup(
     packages=[
         "ppfast",
         "ppfast.benchmarks",
+        "ppfast.checkpoint",
         "ppfast.demo",
         "ppfast.nn",
         "ppfast.schedules",

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .stage import PipelineStage
+from ..stage import PipelineStage
 
 FORMAT = "ppfast-checkpoint"
 VERSION = 1
