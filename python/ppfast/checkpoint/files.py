@@ -1,0 +1,197 @@
+"""The checkpoint folder: manifest, stage shards and ``extra`` files, each written atomically.
+
+::
+
+    manifest.json                   written last: a checkpoint without it is incomplete
+    stage-00000-of-00002.pt         stage 0's state_dict and optimizer state, by full-model name
+    stage-00001-of-00002.pt
+    stage-00001-of-00002.extra.pt   ``extra`` of the rank holding stage 1, when one was given
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .held import Held
+    from .layout import StageLayout
+
+FORMAT = "ppfast-checkpoint"
+VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def stage_file(s: int, n: int, suffix: str = ".pt") -> str:
+    return f"stage-{s:05d}-of-{n:05d}{suffix}"
+
+
+def atomic(path: str, write: Callable) -> None:
+    """Write through a temporary file and a rename, so a crash never leaves half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def meta(v) -> dict:
+    """How the manifest describes a value of a state_dict: shape and dtype."""
+    if isinstance(v, torch.Tensor):
+        return {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+    return {"shape": None, "dtype": type(v).__name__}
+
+
+def _kinds(module: nn.Module) -> dict[str, str]:
+    kinds = {k: "parameter" for k, _ in module.named_parameters(remove_duplicate=False)}
+    kinds.update({k: "buffer" for k, _ in module.named_buffers(remove_duplicate=False)})
+    return kinds
+
+
+def _record(h: Held, lay: StageLayout, has_optimizer: bool, has_extra: bool) -> dict:
+    sd, kinds = h.module.state_dict(), _kinds(h.module)
+    local_of = {id(p): k for k, p in h.module.named_parameters(remove_duplicate=False)}
+    n = h.num_stages
+    return {
+        "index": h.index,
+        "file": stage_file(h.index, n),
+        "extra_file": stage_file(h.index, n, ".extra.pt") if has_extra else None,
+        "optimizer": has_optimizer,
+        "names": lay.names,
+        "tensors": {
+            lay.names[k]: {**meta(v), "kind": kinds.get(k, "extra_state")} for k, v in sd.items()
+        },
+        "tied": {key: lay.names[local_of[id(p)]] for key, p in sorted(h.tied.items())},
+    }
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def write_stage(path: str, h: Held, lay: StageLayout, save_id: str, optimizer, extra) -> dict:
+    """Write stage ``h``'s shard (its state by full-model name, and ``optimizer``, its part of
+    the optimizer state, or None) and, unless None, ``extra``; returns its manifest record."""
+    rec = _record(h, lay, optimizer is not None, extra is not None)
+    shard = {
+        "format": FORMAT,
+        "version": VERSION,
+        "save_id": save_id,
+        "stage": h.index,
+        "num_stages": h.num_stages,
+        "model": {
+            lay.names[k]: v.detach() if torch.is_tensor(v) else v
+            for k, v in h.module.state_dict().items()
+        },
+        "optimizer": optimizer,
+    }
+    atomic(os.path.join(path, rec["file"]), lambda f: torch.save(shard, f))
+    if extra is not None:
+        saved = {"save_id": save_id, "extra": extra}
+        atomic(os.path.join(path, rec["extra_file"]), lambda f: torch.save(saved, f))
+    return rec
+
+
+def remove_manifest(path: str) -> None:
+    """Mark the folder's checkpoint unfinished, before any of its shards is replaced."""
+    if os.path.exists(os.path.join(path, MANIFEST)):
+        os.remove(os.path.join(path, MANIFEST))
+
+
+def write_manifest(path: str, save_id: str, step: int | None, records: list[dict]) -> None:
+    """The last file of a save: its presence says every shard is written."""
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "save_id": save_id,
+        "num_stages": len(records),
+        "step": step,
+        "torch_version": torch.__version__,
+        "stages": records,
+    }
+    text = json.dumps(manifest, indent=1).encode()
+    atomic(os.path.join(path, MANIFEST), lambda f: f.write(text))
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def read_manifest(path) -> dict:
+    """The checkpoint's manifest (num_stages, step, and each stage's names, shapes, dtypes)."""
+    path = os.fspath(path)
+    file = os.path.join(path, MANIFEST)
+    if not os.path.exists(file):
+        has_shards = os.path.isdir(path) and any(f.startswith("stage-") for f in os.listdir(path))
+        raise FileNotFoundError(
+            f"{file} is missing: "
+            + (
+                "the folder holds stage shards but its save did not finish (the manifest is "
+                "written last); use an earlier checkpoint"
+                if has_shards
+                else "this is not a ppfast checkpoint folder"
+            )
+        )
+    with open(file) as f:
+        manifest = json.load(f)
+    if manifest.get("format") != FORMAT or manifest.get("version", 0) > VERSION:
+        raise ValueError(
+            f"{file}: format {manifest.get('format')!r} version {manifest.get('version')} is not "
+            f"one this ppfast reads ({FORMAT!r} up to version {VERSION})"
+        )
+    return manifest
+
+
+def require_optimizer(path: str, records: list[dict], hint: str) -> None:
+    """Raise unless every one of ``records`` was saved with its optimizer state."""
+    lacking = [r["index"] for r in records if not r["optimizer"]]
+    if lacking:
+        raise ValueError(
+            f"{path} holds no optimizer state for stages {lacking} (saved without "
+            f"optimizer=); {hint}"
+        )
+
+
+def _read(path: str, manifest: dict, rec: dict, key: str, what: str, **load) -> dict:
+    file = os.path.join(path, rec[key])
+    if not os.path.exists(file):
+        raise FileNotFoundError(
+            f"{file} is missing: stage {rec['index']}'s {what} of the checkpoint in {path}; copy "
+            "every stage-*.pt file of the checkpoint along with manifest.json"
+        )
+    saved = torch.load(file, map_location="cpu", **load)
+    stage = saved.get("stage", rec["index"])  # an extra file names no stage
+    if saved.get("save_id") != manifest["save_id"] or stage != rec["index"]:
+        raise ValueError(
+            f"{file} belongs to another save than {os.path.join(path, MANIFEST)} (a stale or "
+            "mixed-in file); the checkpoint is inconsistent, use another one"
+        )
+    return saved
+
+
+def read_shard(path: str, manifest: dict, rec: dict) -> dict:
+    """Stage ``rec``'s shard, checked against the manifest."""
+    shard = _read(path, manifest, rec, "file", "shard", weights_only=True)
+    for name, m in rec["tensors"].items():
+        v = shard["model"].get(name)
+        if v is None or meta(v)["shape"] != m["shape"]:
+            raise ValueError(
+                f"{os.path.join(path, rec['file'])}: '{name}' does not match the manifest; the "
+                "file is damaged"
+            )
+    return shard
+
+
+def read_extra(path: str, manifest: dict, rec: dict):
+    """The ``extra`` saved with stage ``rec``: the user's own object, unpickled in full, like
+    any torch.load of a trusted file."""
+    return _read(path, manifest, rec, "extra_file", "extra", weights_only=False)["extra"]
