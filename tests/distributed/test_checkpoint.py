@@ -394,3 +394,44 @@ def test_tied_embedding_and_head_under_pipe(tmp_path):
     assert torch.equal(again[1].head.weight, again[0].embed.weight)
     head = opt.state[stages[1].head.weight]["momentum_buffer"]
     assert torch.equal(opt2.state[again[1].head.weight]["momentum_buffer"], head)
+
+
+class Note:
+    """An object of the user's own class: unpickling it runs the class's code (here
+    ``__setstate__``, which leaves a file to show that it ran)."""
+
+    def __init__(self, text: str, marker: Path):
+        self.text, self.marker = text, str(marker)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        Path(self.marker).write_text("unpickled")
+
+
+def test_extra_of_other_classes_loads_only_when_trusted(tmp_path):
+    model = build(0)
+    stages = [model[0:6], model[6:12]]
+    marker = tmp_path / "ran"
+    ckpt.save(tmp_path / "ckpt", stages, extra={"note": Note("hi", marker), "lr": [0.1]})
+    with pytest.raises(ValueError, match=r"Note.*pass weights_only=False") as refused:
+        ckpt.load(tmp_path / "ckpt", stages)
+    assert "ppfast.checkpoint.load(path, stages, optimizer, weights_only=False)" in str(
+        refused.value
+    )
+    assert not marker.exists(), "the refused load ran the class's code"
+    info = ckpt.load(tmp_path / "ckpt", stages, weights_only=False)
+    assert info.extra["note"].text == "hi" and marker.exists()
+    # tensors, containers, numbers and strings need no trust
+    plain = {"lr": [0.1, 0.01], "last_epoch": 3, "name": "cosine", "t": torch.ones(2)}
+    ckpt.save(tmp_path / "plain", stages, extra=plain)
+    got = ckpt.load(tmp_path / "plain", stages).extra
+    assert (
+        got.keys() == plain.keys()
+        and got["lr"] == plain["lr"]
+        and torch.equal(got["t"], plain["t"])
+    )
+    # an extra file of another save is refused, as a shard would be
+    ckpt.save(tmp_path / "other", stages, extra={"lr": [1.0]})
+    shutil.copy(tmp_path / "other" / "stage-00000-of-00002.extra.pt", tmp_path / "plain")
+    with pytest.raises(ValueError, match=r"extra.pt belongs to another save"):
+        ckpt.load(tmp_path / "plain", stages)

@@ -6,12 +6,18 @@
     stage-00000-of-00002.pt         stage 0's state_dict and optimizer state, by full-model name
     stage-00001-of-00002.pt
     stage-00001-of-00002.extra.pt   ``extra`` of the rank holding stage 1, when one was given
+
+Shards hold tensors, containers, numbers and strings only, and are read with
+``torch.load(weights_only=True)``. So is ``extra`` unless the caller trusts the file and asks
+for full unpickling, which can run any code the file names.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -180,7 +186,15 @@ def _read(path: str, manifest: dict, rec: dict, key: str, what: str, **load) -> 
 
 def read_shard(path: str, manifest: dict, rec: dict) -> dict:
     """Stage ``rec``'s shard, checked against the manifest."""
-    shard = _read(path, manifest, rec, "file", "shard", weights_only=True)
+    try:
+        shard = _read(path, manifest, rec, "file", "shard", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{os.path.join(path, rec['file'])} holds an object that a safe load "
+            "(torch.load(weights_only=True)) refuses; shards hold tensors only, apart from a "
+            "module's get_extra_state(), which must then return tensors, containers, numbers "
+            "and strings (or allow its classes with torch.serialization.add_safe_globals)"
+        ) from e
     for name, m in rec["tensors"].items():
         v = shard["model"].get(name)
         if v is None or meta(v)["shape"] != m["shape"]:
@@ -191,7 +205,22 @@ def read_shard(path: str, manifest: dict, rec: dict) -> dict:
     return shard
 
 
-def read_extra(path: str, manifest: dict, rec: dict):
-    """The ``extra`` saved with stage ``rec``: the user's own object, unpickled in full, like
-    any torch.load of a trusted file."""
-    return _read(path, manifest, rec, "extra_file", "extra", weights_only=False)["extra"]
+def read_extra(path: str, manifest: dict, rec: dict, weights_only: bool):
+    """The ``extra`` saved with stage ``rec``. Unpickled in full only with ``weights_only``
+    False: a file from elsewhere could name any function to call while it loads."""
+    try:
+        saved = _read(path, manifest, rec, "extra_file", "extra", weights_only=weights_only)
+    except pickle.UnpicklingError as e:
+        if not weights_only:
+            raise
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        named, listed = (f" ({found[1]})", f"[{found[1]}]") if found else ("", "[...]")
+        raise ValueError(
+            f"{os.path.join(path, rec['extra_file'])}: the extra saved with stage {rec['index']} "
+            f"holds an object of a class{named} that a safe load (torch.load(weights_only=True)) "
+            "refuses, since unpickling it can run code. If you trust this checkpoint, pass "
+            "weights_only=False: ppfast.checkpoint.load(path, stages, optimizer, "
+            f"weights_only=False); or allow the class with torch.serialization.add_safe_globals("
+            f"{listed}); or save an extra of tensors, dicts, lists, numbers and strings only"
+        ) from e
+    return saved["extra"]

@@ -28,8 +28,10 @@ def save(path, stages, optimizer=None, *, step=None, extra=None, names=None, gro
     and their optimizer; each rank writes only its stages' files, and the rank holding stage
     0 writes ``manifest.json`` once all shards are written, so a folder without a manifest is
     an unfinished save. ``step`` goes into the manifest; ``extra`` (e.g. an LR scheduler's
-    state_dict) into this rank's files, returned by :func:`load`. See :func:`layouts` for
-    ``names``. Saving into a folder replaces the checkpoint there.
+    state_dict) into this rank's files, returned by :func:`load`: tensors, dicts, lists,
+    numbers and strings load by default, objects of other classes only when the loader
+    trusts the file (``load(..., weights_only=False)``). See :func:`layouts` for ``names``.
+    Saving into a folder replaces the checkpoint there.
 
     >>> save("ckpt/step-100", sched, optimizer, step=100)  # doctest: +SKIP
     """
@@ -99,7 +101,7 @@ def _agree(comm, failure: Exception | None, what: str, payload=None) -> list:
     return [p for _, p in everyone]
 
 
-def load(path, stages, optimizer=None, *, names=None) -> CheckpointInfo:
+def load(path, stages, optimizer=None, *, names=None, weights_only: bool = True) -> CheckpointInfo:
     """Load the given stages (and their optimizer) from a checkpoint saved on as many stages.
 
     Each rank reads the manifest and its own stages' shards; nothing is exchanged. Tensors are
@@ -107,6 +109,11 @@ def load(path, stages, optimizer=None, *, names=None) -> CheckpointInfo:
     and training resumes with the losses it would have had. Each stage's names default to the
     ones it was saved with; see :func:`layouts` for ``names``. Returns the saved step and the
     ``extra`` the rank holding the lowest given stage saved.
+
+    Every file is read with ``torch.load(weights_only=True)``: tensors, dicts, lists, tuples,
+    numbers and strings, and nothing that runs code while it loads. An ``extra`` holding
+    objects of other classes is refused then; ``weights_only=False`` unpickles it in full,
+    which runs whatever code the file names: pass it only for checkpoints you trust.
 
     >>> info = load("ckpt/step-100", sched, optimizer)  # doctest: +SKIP
     """
@@ -132,8 +139,8 @@ def load(path, stages, optimizer=None, *, names=None) -> CheckpointInfo:
         files.require_optimizer(path, recs, "pass optimizer=None to load the model only")
     shards = [files.read_shard(path, manifest, rec) for rec in recs]
     extra = None
-    if recs[0].get("extra_file"):
-        extra = files.read_extra(path, manifest, recs[0])
+    if recs[0].get("extra_file"):  # read before anything changes: it may be refused
+        extra = files.read_extra(path, manifest, recs[0], weights_only)
     for h, lay, shard in zip(mine, lays, shards, strict=True):
         fill(h, lay, shard["model"])
     if optimizer is not None:
