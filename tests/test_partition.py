@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import ppfast
-from ppfast.partition import Split, _balance, split
+from ppfast._balance import balance
+from ppfast.partition import Split, split
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -223,7 +224,7 @@ def test_balance_finds_the_least_heaviest_stage():
         n = rng.randint(1, 10)
         k = rng.randint(1, n)
         costs = [rng.choice([0.0, rng.random(), float(rng.randint(1, 9))]) for _ in range(n)]
-        counts = _balance(costs, k)
+        counts = balance(costs, k)
         assert len(counts) == k and sum(counts) == n and min(counts) >= 1
         edges = list(itertools.accumulate([0, *counts]))
         got = max(sum(costs[a:b]) for a, b in itertools.pairwise(edges))
@@ -231,7 +232,7 @@ def test_balance_finds_the_least_heaviest_stage():
 
 
 def test_balance_is_fast_on_deep_models():
-    counts = _balance([float(k % 7 + 1) for k in range(1000)], 64)
+    counts = balance([float(k % 7 + 1) for k in range(1000)], 64)
     assert sum(counts) == 1000 and len(counts) == 64
 
 

@@ -1,27 +1,22 @@
-"""Splits a model into pipeline stages balanced by layers, parameters, type or measured time."""
+"""Splits a model into pipeline stages balanced by layers, parameters, type or measured time.
+
+The :class:`Split` object and :func:`split`; what each layer weighs under a method is
+in ``_layer_costs`` (its timing in ``_profile_units``), the cut itself in ``_balance``.
+"""
 
 from __future__ import annotations
 
-import math
-import re
-import statistics
-import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .nn.linear import Linear
+from ._balance import balance
+from ._layer_costs import parse_method, weigh
+from ._profile_units import Times
 from .simulator import Costs
-from .stage import PipelineStage
-
-Times = tuple[float, float, float]  # (F, I, W) seconds of one microbatch
-
-_METHODS = "'uniform', 'parameters', 'type:REGEX' (e.g. 'type:Block') or 'profile'"
-_UNITS = {"uniform": "layers", "parameters": "parameters", "type": "matching layers"}
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -214,75 +209,35 @@ def split(
     _check_distinct(layers, pre_mods, post_mods)
     n = len(layers)
     num_stages = _check_num_stages(num_stages, counts, n)
-    kind, pattern = _parse_method(method)
-    if kind == "profile":
-        if sample is None:
-            raise ValueError(
-                "method 'profile' times the layers on a sample input: pass sample=... (one "
-                "microbatch, as the first stage receives it), or pick another method"
-            )
-        if warmup < 0 or repeats < 1:
-            raise ValueError(f"profile needs warmup >= 0 and repeats >= 1, got {warmup}, {repeats}")
-    else:
-        extras = (("sample", sample), ("target", target), ("loss_fn", loss_fn))
-        given = [k for k, v in extras if v is not None]
-        if given:
-            raise ValueError(
-                f"{', '.join(given)} only serve method 'profile', not {method!r}; use "
-                "method='profile' to balance measured time, or leave them out"
-            )
+    profile = {
+        "sample": sample,
+        "target": target,
+        "loss_fn": loss_fn,
+        "warmup": warmup,
+        "repeats": repeats,
+    }
+    kind, pattern = parse_method(method, **profile)
     if counts is not None:
         counts = _check_counts(counts, num_stages, n)
-
-    times: dict = {}
-    if kind == "uniform":
-        layer_costs, pre_cost, post_cost = [1.0] * n, 0.0, 0.0
-    elif kind == "parameters":
-        layer_costs = [float(_params(m)) for m in layers]
-        pre_cost = float(sum(_params(m) for m in pre_mods))
-        post_cost = float(sum(_params(m) for m in post_mods))
-    elif kind == "type":
-        regex = _compile(pattern)
-        layer_costs = [1.0 if regex.search(type(m).__name__) else 0.0 for m in layers]
-        if not any(layer_costs):
-            classes = ", ".join(dict.fromkeys(type(m).__name__ for m in layers))
-            raise ValueError(
-                f"'type:{pattern}' matches no layer, so it has nothing to balance; the layers' "
-                f"classes are {classes}"
-            )
-        pre_cost = float(sum(bool(regex.search(type(m).__name__)) for m in pre_mods))
-        post_cost = float(sum(bool(regex.search(type(m).__name__)) for m in post_mods))
-    else:
-        pre_t, layer_t, post_t = _profile(
-            pre_mods, layers, post_mods, sample, target, loss_fn, warmup, repeats
-        )
-        layer_costs = [sum(t) for t in layer_t]
-        pre_cost = sum(pre_t) if pre_t else 0.0
-        post_cost = sum(post_t)
-        times = {"layer_times": tuple(layer_t), "pre_times": pre_t, "post_times": post_t}
-
+    weights = weigh(kind, pattern, layers, pre_mods, post_mods, **profile)
     if counts is None:
-        folded = list(layer_costs)
+        folded = list(weights["layer_costs"])
         # stage 0 always holds layer 0 and the last stage layer n-1: their pre/post go with them
-        folded[0] += pre_cost
-        folded[-1] += post_cost
+        folded[0] += weights["pre_cost"]
+        folded[-1] += weights["post_cost"]
         if sum(folded) <= 0:  # e.g. no parameters at all: nothing to weigh, so even counts
             folded = [1.0] * n
-        counts = _balance(folded, num_stages)
+        counts = balance(folded, num_stages)
     base = Split(
         stages=(),
         counts=(),
         stage_costs=(),
         method=method,
-        unit="seconds" if kind == "profile" else _UNITS[kind],
         layers=tuple(layers),
         names=tuple(names),
         pre=tuple(pre_mods),
         post=tuple(post_mods),
-        layer_costs=tuple(layer_costs),
-        pre_cost=pre_cost,
-        post_cost=post_cost,
-        **times,
+        **weights,
     )
     return _assemble(base, counts)
 
@@ -418,230 +373,7 @@ def _check_counts(counts: Sequence[int], k: int, n: int) -> list[int]:
     return counts
 
 
-def _parse_method(method: object) -> tuple[str, str]:
-    if not isinstance(method, str):
-        raise TypeError(f"method must be a string, one of {_METHODS}; got {method!r}")
-    if method in ("uniform", "parameters", "profile"):
-        return method, ""
-    if method.startswith("type:"):
-        pattern = method[len("type:") :]
-        if not pattern:
-            raise ValueError("'type:' needs a regular expression after it, e.g. 'type:Block'")
-        return "type", pattern
-    raise ValueError(f"unknown split method {method!r}; use {_METHODS}")
-
-
-def _compile(pattern: str) -> re.Pattern:
-    try:
-        return re.compile(pattern, re.IGNORECASE)
-    except re.error as e:
-        raise ValueError(f"'type:{pattern}' is not a valid regular expression: {e}") from None
-
-
-def _params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def _fmt(x: float) -> str:
     if float(x).is_integer():
         return f"{int(x):,}"
     return f"{x:.3f}"
-
-
-# ---------------------------------------------------------------------- balancing
-
-
-def _balance(costs: Sequence[float], k: int) -> list[int]:
-    """Layer counts of k contiguous non-empty stages: the least heaviest stage, then the least
-    sum of squared stage costs (the most even), then the longest stages first."""
-    n = len(costs)
-    s = [0.0]
-    for c in costs:
-        s.append(s[-1] + c)
-    limit = _bottleneck(s, k)
-    limit += 1e-9 * abs(limit)
-    # g[j][i]: least sum of squares of stages j..k-1 holding layers i..n-1, none over limit
-    g = [[math.inf] * (n + 1) for _ in range(k + 1)]
-    g[k][n] = 0.0
-
-    def ends(j: int, i: int) -> Iterator[tuple[int, float]]:
-        for e in range(i + 1, n - (k - 1 - j) + 1):
-            c = s[e] - s[i]
-            if c > limit:
-                return
-            yield e, c * c + g[j + 1][e]
-
-    for j in range(k - 1, -1, -1):
-        for i in range(j, n - (k - j) + 1):
-            g[j][i] = min((v for _, v in ends(j, i)), default=math.inf)
-    counts, i = [], 0
-    for j in range(k):
-        best = g[j][i]
-        e = max(e for e, v in ends(j, i) if v <= best + 1e-9 * abs(best))
-        counts.append(e - i)
-        i = e
-    return counts
-
-
-def _bottleneck(s: Sequence[float], k: int) -> float:
-    """The least possible heaviest stage over prefix sums ``s``: h_j[i] = min over t of
-    max(h_{j-1}[t], s[i] - s[t]); h_{j-1} grows with t and s[i] - s[t] shrinks, so the best t
-    sits where they cross, found by bisection."""
-    n = len(s) - 1
-    h = list(s)
-    for j in range(2, k + 1):
-        nh = [math.inf] * (n + 1)
-        for i in range(j, n + 1):
-            lo, hi = j - 1, i - 1
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if h[mid] >= s[i] - s[mid]:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            best = max(h[lo], s[i] - s[lo])
-            if lo > j - 1:
-                best = min(best, max(h[lo - 1], s[i] - s[lo - 1]))
-            nh[i] = best
-        h = nh
-    return h[n]
-
-
-# ---------------------------------------------------------------------- profiling
-
-
-class _Outputs(nn.Module):
-    """The last profiled unit when there are no post modules: it passes the output on, so the
-    loss is timed apart from the last layer."""
-
-    def forward(self, *args):
-        return args[0] if len(args) == 1 else args
-
-
-def _mean_loss(out: object) -> torch.Tensor:
-    outs = out if isinstance(out, (tuple, list)) else (out,)
-    floats = [
-        t.float().mean() for t in outs if isinstance(t, torch.Tensor) and t.is_floating_point()
-    ]
-    if not floats:
-        raise ValueError(
-            "profile needs a loss to run the backward and the model's output has no floating-"
-            "point tensor; pass loss_fn= (and target=)"
-        )
-    return sum(floats)
-
-
-def _profile(pre, layers, post, sample, target, loss_fn, warmup: int, repeats: int):
-    """(F, I, W) medians of the pre modules (None without), every layer, and post + loss."""
-    units: list[tuple[str, nn.Module]] = []
-    if pre:
-        units.append(("the pre modules", pre[0] if len(pre) == 1 else nn.Sequential(*pre)))
-    units += [(f"layer {k} ({type(m).__name__})", m) for k, m in enumerate(layers)]
-    tail = nn.Sequential(*post) if len(post) > 1 else (post[0] if post else _Outputs())
-    units.append(("the post modules and the loss", tail))
-    args = tuple(sample) if isinstance(sample, (tuple, list)) else (sample,)
-    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-    loss = loss_fn or _mean_loss
-    with _state_kept([m for _, m in units], args):
-        samples = _time_units(units, args, target, loss, warmup, repeats)
-    med = [tuple(statistics.median(x) for x in per) for per in samples]
-    return (med[0] if pre else None), med[1 if pre else 0 : -1], med[-1]
-
-
-def _time_units(units, args, target, loss, warmup: int, repeats: int) -> list:
-    """Each unit as its own PipelineStage, from the inputs and output gradients one pass
-    through the whole model gave it, so that it frees what it allocated before the next one
-    runs, as in a pipeline's steady state. Rounds go over all units in turn, so a burst of
-    other work on the machine spreads over every layer alike."""
-    n = len(units)
-    stages = [PipelineStage(m, s, n) for s, (_, m) in enumerate(units)]
-
-    def prepare(st: PipelineStage) -> None:
-        st.weight_store.enabled = True
-        st.prepare(1, [args], [{}], [target], loss, 1.0)
-
-    def noted(what: str, fn: Callable, *a):
-        try:
-            return fn(*a)
-        except Exception as e:
-            e.add_note(f"(while ppfast.split profiled {what})")
-            raise
-
-    inputs: list = [None]
-    for (what, _), st in zip(units, stages, strict=True):
-        prepare(st)
-        inputs.append(noted(what, st.forward, 0, inputs[-1])[0])
-    grads: list = [None] * n
-    for s in reversed(range(n)):
-        out = noted(units[s][0], stages[s].backward, 0, grads[s], False)
-        stages[s].weight(0)
-        if s:
-            grads[s - 1] = out
-    now = _clock([m for _, m in units], args)
-    samples: list[list[list[float]]] = [[[], [], []] for _ in range(n)]
-    for rep in range(warmup + repeats):
-        for s, st in enumerate(stages):
-            prepare(st)
-            t0 = now()
-            st.forward(0, inputs[s])
-            t1 = now()
-            st.backward(0, grads[s], full=False)
-            t2 = now()
-            st.weight(0)
-            t3 = now()
-            if rep >= warmup:
-                for k, dt in enumerate((t1 - t0, t2 - t1, t3 - t2)):
-                    samples[s][k].append(dt)
-    return samples
-
-
-def _devices(modules: Sequence[nn.Module], args: tuple) -> set[torch.device]:
-    out = {t.device for m in modules for t in [*m.parameters(), *m.buffers()]}
-    return out | {a.device for a in args if isinstance(a, torch.Tensor)}
-
-
-def _clock(modules: Sequence[nn.Module], args: tuple) -> Callable[[], float]:
-    """A clock that first waits for the queued work of every GPU involved."""
-    gpus = [d for d in _devices(modules, args) if d.type == "cuda"]
-    if not gpus:
-        return time.perf_counter
-
-    def now() -> float:
-        for d in gpus:
-            torch.cuda.synchronize(d)
-        return time.perf_counter()
-
-    return now
-
-
-@contextmanager
-def _state_kept(modules: Sequence[nn.Module], args: tuple) -> Iterator[None]:
-    """Profile without a trace: gradients (``.grad`` and ``main_grad``), buffers (a batch
-    norm's statistics), split layers' weight-gradient stores and the random state are put
-    back as they were."""
-    params = list({id(p): p for m in modules for p in m.parameters()}.values())
-    buffers = list({id(b): b for m in modules for b in m.buffers()}.values())
-    grads = [p.grad for p in params]
-    mains = [getattr(p, "main_grad", None) for p in params]
-    kept = [b.detach().clone() for b in buffers]
-    stores = [
-        (m, m.weight_store) for mod in modules for m in mod.modules() if isinstance(m, Linear)
-    ]
-    gpus = sorted({d.index or 0 for d in _devices(modules, args) if d.type == "cuda"})
-    for p, main in zip(params, mains, strict=True):
-        p.grad = None
-        if main is not None:
-            p.main_grad = torch.zeros_like(main)
-    try:
-        with torch.random.fork_rng(devices=gpus), torch.enable_grad():
-            yield
-    finally:
-        with torch.no_grad():
-            for b, v in zip(buffers, kept, strict=True):
-                b.copy_(v)
-        for p, grad, main in zip(params, grads, mains, strict=True):
-            p.grad = grad
-            if main is not None:
-                p.main_grad = main
-        for m, store in stores:
-            m.weight_store = store
