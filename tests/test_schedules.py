@@ -79,6 +79,12 @@ LITERAL = {
         rank 0: 0F0 0F1 0F2 2F0 2F1 2F2 2B0 2B1 2B2 0B0 0B1 0B2
         rank 1: 1F0 1F1 1F2 3F0 3B0 3F1 3B1 3F2 3B2 1B0 1B1 1B2
     """,
+    # torch's ScheduleLoopedBFS order: each local stage's forwards for every microbatch, then
+    # the backwards from the last local stage, microbatches in reverse
+    ("looped-bfs", 2, 3, 2): """
+        rank 0: 0F0 0F1 0F2 2F0 2F1 2F2 2B2 2B1 2B0 0B2 0B1 0B0
+        rank 1: 1F0 1F1 1F2 3F0 3F1 3F2 3B2 3B1 3B0 1B2 1B1 1B0
+    """,
     # torch's ZB1P order: one warmup forward per hop, the first r Ws of rank r at the end
     ("interleaved-zb", 2, 4, 2): """
         rank 0: 0F0 0F1 2F0 2F1 2I0 2W0 0F2 2I1 2W1 0F3 0I0 0W0
@@ -220,6 +226,25 @@ def test_interleaved_1f1b_bubble_holds_for_other_f_to_b_ratios(p, m, costs):
     assert sim.bubble == pytest.approx((p - 1) / (2 * m + p - 1), abs=EPS)
 
 
+def _looped_bfs_bubble(p: int, m: int, v: int) -> float:
+    # m >= p: every rank's forwards run back to back, then its backwards, with p-1 stage
+    # passes of fill and of drain, as interleaved 1F1B. m < p: rank 0 waits for each
+    # microbatch to come round the ring, so the step is GPipe's over v*p stages, v*p+m-1
+    # stage passes, of which a rank is busy v*m.
+    return 1 - v * m / (v * max(m, p) + min(m, p) - 1)
+
+
+@pytest.mark.parametrize(("p", "m"), GRID + [(4, 1), (4, 3), (8, 2), (8, 5)])
+@pytest.mark.parametrize("v", [2, 3])
+def test_looped_bfs_bubble(p, m, v):
+    sim = _sim("looped-bfs", p, m, v)
+    assert sim.bubble == pytest.approx(_looped_bfs_bubble(p, m, v), abs=EPS)
+    if m >= p:
+        assert sim.bubble == pytest.approx((p - 1) / (v * m + p - 1), abs=EPS)
+    # every rank holds all of its stages' activations at the turn, as GPipe does
+    assert sim.peak_activations == pytest.approx([m] * p)
+
+
 @pytest.mark.parametrize(("p", "m"), GRID)
 def test_zb_h1_step_time_is_3m_plus_p_minus_1(p, m):
     assert _sim("zb-h1", p, m).makespan == pytest.approx(3 * m + p - 1, abs=EPS)
@@ -274,7 +299,7 @@ def _first_group(p: int, m: int) -> int:
 
 
 def _expected_peak(name: str, p: int, m: int, v: int | None) -> float:
-    if name == "gpipe":
+    if name in ("gpipe", "looped-bfs"):
         return m
     if name in ("1f1b", "zb-h1", "zb-v"):
         return min(p, m)
@@ -312,6 +337,7 @@ def test_schedule_names_and_specs():
         "gpipe",
         "1f1b",
         "interleaved-1f1b",
+        "looped-bfs",
         "interleaved-zb",
         "zb-h1",
         "zb-h2",
@@ -327,6 +353,7 @@ def test_schedule_names_and_specs():
         "gpipe": ("loop", 1, False, False, 1),
         "1f1b": ("loop", 1, False, False, 1),
         "interleaved-1f1b": ("loop", 2, True, False, 4),
+        "looped-bfs": ("loop", 2, True, False, 1),
         "interleaved-zb": ("loop", 2, True, True, 4),
         "zb-h1": ("loop", 1, False, True, 1),
         "zb-h2": ("loop", 1, False, True, 1),
@@ -346,6 +373,9 @@ def test_schedule_names_and_specs():
         ("InterleavedZeroBubble", "interleaved-zb"),
         ("ZBVZeroBubble", "zb-v"),
         ("DualPipeV", "dualpipev"),
+        ("LoopedBFS", "looped-bfs"),
+        ("ScheduleLoopedBFS", "looped-bfs"),
+        ("looped_bfs", "looped-bfs"),
         ("ZB-H1", "zb-h1"),
         ("zb_h2", "zb-h2"),
         ("Interleaved-1F1B", "interleaved-1f1b"),
@@ -359,6 +389,8 @@ def test_names_are_case_insensitive_and_accept_torch_class_names(spelling, name)
 def test_default_v_and_explicit_v():
     assert generate("interleaved-1f1b", 2, 4).v == 2
     assert generate("interleaved-zb", 2, 4, 3).v == 3
+    assert generate("looped-bfs", 2, 4).v == 2
+    assert generate("looped-bfs", 2, 1, 4).v == 4
     assert generate("zb-v", 2, 4, 2).v == 2
     assert generate("1f1b", 2, 4, 1).v == 1
 
@@ -373,6 +405,8 @@ def test_default_v_and_explicit_v():
         (("interleaved-1f1b", 4, 3), {}, "at least 4"),
         (("interleaved-zb", 4, 3, 2), {}, "at least 4"),
         (("interleaved-1f1b", 2, 4, 1), {}, "v must be at least 2"),
+        (("looped-bfs", 2, 4, 1), {}, "v must be at least 2"),
+        (("looped-bfs", 2, 0), {}, "m must be at least 1"),
         (("dualpipev", 4, 7), {}, "at least 8"),
         (("gpipe", 2, 4, 2), {}, "v=2 has no meaning"),
         (("zb-v", 2, 4, 3), {}, "v=3 has no meaning"),

@@ -138,6 +138,17 @@ def test_torch_generated_programs_import_validate_and_simulate(name, comms_too, 
     assert len(set(bubbles)) == 1
 
 
+@pytest.mark.parametrize("p, v, m", [(2, 2, 3), (2, 2, 1), (3, 2, 6), (4, 3, 5), (4, 2, 9)])
+def test_looped_bfs_is_torch_schedule_looped_bfs_action_for_action(p, v, m):
+    # torch pads its rows with None for the warmup: the compute order is what must agree
+    ops = get_schedule_ops("LoopedBFS", p, m, v)
+    ours = generate("looped-bfs", p, m, v)
+    assert ours.stage_to_rank == from_pipeline_order(ops).stage_to_rank
+    assert to_pipeline_order(ours) == {
+        r: [a for a in row if a is not None] for r, row in enumerate(ops)
+    }
+
+
 def test_torch_and_ppfast_agree_on_zbv_bubble_shape():
     # torch's ZBV and ppfast's ZB-V are both zero-bubble V schedules: both well under 1F1B
     p, m = 4, 8

@@ -196,13 +196,14 @@ SCHEDULE_CLASSES = {
     "gpipe": ppfast.ScheduleGPipe,
     "1f1b": ppfast.Schedule1F1B,
     "interleaved-1f1b": ppfast.ScheduleInterleaved1F1B,
+    "looped-bfs": ppfast.ScheduleLoopedBFS,
     "interleaved-zb": ppfast.ScheduleInterleavedZeroBubble,
     "zb-h1": ppfast.ScheduleZBH1,
     "zb-h2": ppfast.ScheduleZBH2,
     "zb-v": ppfast.ScheduleZBVZeroBubble,
     "dualpipev": ppfast.ScheduleDualPipeV,
 }
-CHUNKED = frozenset({"interleaved-1f1b", "interleaved-zb", "zb-v", "dualpipev"})
+CHUNKED = frozenset({"interleaved-1f1b", "looped-bfs", "interleaved-zb", "zb-v", "dualpipev"})
 V_PLACED = frozenset({"zb-v", "dualpipev"})
 
 

@@ -42,6 +42,7 @@ PAIRS = {
     "gpipe": "ScheduleGPipe",
     "1f1b": "Schedule1F1B",
     "interleaved-1f1b": "ScheduleInterleaved1F1B",
+    "looped-bfs": "ScheduleLoopedBFS",
     "interleaved-zb": "ScheduleInterleavedZeroBubble",
     "zb-v": "ScheduleZBVZeroBubble",
     "dualpipev": "ScheduleDualPipeV",

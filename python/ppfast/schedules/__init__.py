@@ -21,7 +21,7 @@ from types import MappingProxyType
 
 from ..ir import Program, gc_paused
 from ._args import check_p
-from .classic import gpipe, interleaved_1f1b, one_f_one_b
+from .classic import gpipe, interleaved_1f1b, looped_bfs, one_f_one_b
 from .dualpipe import dualpipe_v
 from .zero_bubble import interleaved_zero_bubble, zb_h1, zb_h2, zb_v
 
@@ -34,6 +34,7 @@ __all__ = [
     "interleaved_1f1b",
     "interleaved_zero_bubble",
     "lookup",
+    "looped_bfs",
     "one_f_one_b",
     "schedule_names",
     "zb_h1",
@@ -122,6 +123,11 @@ _SPECS = (
     ScheduleSpec(
         "interleaved-1f1b", _with_v(interleaved_1f1b), "loop", 2, True, False, lambda p: p, "p",
         "Megatron's interleaved 1F1B, v stages per rank", ("Interleaved1F1B",),
+    ),
+    ScheduleSpec(
+        "looped-bfs", _with_v(looped_bfs), "loop", 2, True, False, lambda p: 1, "1",
+        "breadth first (torch's LoopedBFS), v stages per rank; holds m microbatches",
+        ("LoopedBFS",),
     ),
     ScheduleSpec(
         "interleaved-zb", _with_v(interleaved_zero_bubble), "loop", 2, True, True,

@@ -1,4 +1,4 @@
-"""GPipe, 1F1B and interleaved 1F1B: schedules whose backward is one B action."""
+"""GPipe, 1F1B, interleaved 1F1B and looped BFS: schedules whose backward is one B action."""
 
 from __future__ import annotations
 
@@ -83,3 +83,26 @@ def interleaved_1f1b(p: int, m: int, v: int) -> Program:
         acts += [Action(c * p + r, Kind.B, i) for c, i in bwd[len(fwd) - warmup :]]
         ranks.append(acts)
     return Program(ranks, loop_placement(p, v), m, "interleaved-1f1b")
+
+
+def looped_bfs(p: int, m: int, v: int) -> Program:
+    """Looped BFS (Lamy-Poirier, arXiv 2211.05953): v stages per rank on the loop placement.
+
+    Each rank runs the forwards of every microbatch through its first stage, then through its
+    next stage, and so on; then the backwards, last stage first, each stage's microbatches in
+    reverse (torch's ScheduleLoopedBFS order: the last microbatch forward is the first whose
+    gradient comes back). Like GPipe it holds all m microbatches at the turn. With equal
+    per-stage costs and no communication the bubble is (p-1)/(v*m+p-1) for m >= p, as
+    interleaved 1F1B's; for m < p rank 0 waits for each microbatch to come round the ring, so
+    the step is that of GPipe over v*p stages, and the bubble 1 - v*m/(v*p+m-1).
+    """
+    check_p("looped-bfs", p)
+    check_v("looped-bfs", v)
+    check_m("looped-bfs", m, 1)
+    ranks = []
+    for r in range(p):
+        stages = range(r, v * p, p)
+        acts = [Action(s, Kind.F, i) for s in stages for i in range(m)]
+        acts += [Action(s, Kind.B, i) for s in reversed(stages) for i in reversed(range(m))]
+        ranks.append(acts)
+    return Program(ranks, loop_placement(p, v), m, "looped-bfs")
