@@ -102,7 +102,7 @@ struct Fault {
 };
 
 // Every (stage, mb) has one F and either one B or one I and one W, in that order on the rank
-// that holds the stage; every action's stage lives on its rank; and, once the program holds
+// that holds the stage (a program with no backward action at all runs forwards only); every action's stage lives on its rank; and, once the program holds
 // communication, every cross-rank hand-off has exactly one send and one receive.
 Fault check_structure(const ProgramView& program);
 

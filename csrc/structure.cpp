@@ -52,6 +52,12 @@ Fault check_structure(const ProgramView& p) {
       e = Seen{r, q.action};
     }
   }
+  // A program with no backward at all is a forward-only one (evaluation); otherwise every
+  // forward needs its backward.
+  bool any_backward = false;
+  for (const auto& acts : p.ranks) {
+    for (const Part& q : acts) any_backward |= q.kind != kF && q.kind != kSendF && q.kind != kRecvF;
+  }
   auto label = [&](int kind, int s, int mb) {
     const Seen& e = at(kind, s, mb);
     return name(kind, s, mb) + (e.rank >= 0 ? " (#" + std::to_string(e.action) + ")" : "");
@@ -62,6 +68,7 @@ Fault check_structure(const ProgramView& p) {
       const Seen &f = at(kF, s, i), &b = at(kB, s, i), &in = at(kI, s, i), &w = at(kW, s, i);
       if (f.rank < 0)
         return fault(r, -1, name(kF, s, i), "missing: every stage runs F for every microbatch");
+      if (!any_backward) continue;
       if (b.rank >= 0 && (in.rank >= 0 || w.rank >= 0)) {
         return fault(r, b.action, label(kB, s, i),
                      "runs both B and the split I/W for stage " + std::to_string(s) +
@@ -91,7 +98,7 @@ Fault check_structure(const ProgramView& p) {
       // the two hand-offs across the boundary between stages s and s+1
       const int pairs[2][4] = {{kSendF, s, kRecvF, s + 1}, {kSendB, s + 1, kRecvB, s}};
       for (const auto& pr : pairs) {
-        if (pr[3] >= S || pr[1] >= S) continue;
+        if (pr[3] >= S || pr[1] >= S || (pr[0] == kSendB && !any_backward)) continue;
         const Seen& snd = at(pr[0], pr[1], i);
         const Seen& rcv = at(pr[2], pr[3], i);
         if (!cross) {

@@ -309,6 +309,8 @@ void Executor::run_compute(size_t begin, size_t end) {
         produced_[key(kFwd, p.stage, p.mb)] = std::move(outputs);
         release_after_send_[key(kFwd, p.stage, p.mb)] = release;
       }
+      // forward only (evaluation): nothing reads the received activation after its F
+      if (!last_backward_.count(key(0, p.stage, p.mb))) release_inputs(p.stage, p.mb);
     } else if (p.kind == kI || p.kind == kB) {
       std::vector<at::Tensor> grads;
       const bool has_grads = p.stage + 1 < num_stages_;

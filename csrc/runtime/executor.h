@@ -52,7 +52,8 @@ struct CommError : std::runtime_error {
 
 // The stage compute the executor calls back into (Python's PipelineStage through the bindings,
 // or a C++ test double). Received tensors stay valid until the action that ends the backward of
-// their (stage, microbatch) has run; after that their buffers are reused.
+// their (stage, microbatch) has run (in a forward-only program, until their F has); after that
+// their buffers are reused.
 class Compute {
  public:
   virtual ~Compute() = default;

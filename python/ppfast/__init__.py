@@ -15,9 +15,11 @@ from .pipeline import (
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
     ScheduleInterleavedZeroBubble,
+    ScheduleLoopedBFS,
     ScheduleZBH1,
     ScheduleZBH2,
     ScheduleZBVZeroBubble,
+    get_schedule_class,
 )
 from .runtime import RankRunner, StepMetrics
 from .schedules import generate, schedule_names
@@ -43,6 +45,7 @@ __all__ = [
     "ScheduleGPipe",
     "ScheduleInterleaved1F1B",
     "ScheduleInterleavedZeroBubble",
+    "ScheduleLoopedBFS",
     "ScheduleZBH1",
     "ScheduleZBH2",
     "ScheduleZBVZeroBubble",
@@ -51,6 +54,7 @@ __all__ = [
     "checkpoint",
     "from_pipeline_order",
     "generate",
+    "get_schedule_class",
     "loop_placement",
     "nn",
     "parallel",

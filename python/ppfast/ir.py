@@ -179,6 +179,16 @@ class Program:
             dict(self.meta),
         )
 
+    def forward_only(self) -> Program:
+        """The program's forwards alone, in its order, for evaluation: compound actions keep
+        their F, and communication is dropped (lowering adds the forward transfers again)."""
+        ranks = [
+            [x for a in acts if a.is_compute for x in a.parts() if x.kind is Kind.F]
+            for acts in self.ranks
+        ]
+        name = f"{self.name} (forward only)" if self.name else "forward only"
+        return Program(ranks, self.stage_to_rank, self.num_microbatches, name, dict(self.meta))
+
     def num_actions(self) -> int:
         return sum(len(a) for a in self.ranks)
 

@@ -12,7 +12,8 @@ from torch import nn
 from ._native import C
 from .errors import PipelineCommError
 from .ir import Program
-from .pipeline import PipelineSchedule, split_microbatches
+from .microbatch import split_batch, split_target
+from .pipeline import PipelineSchedule
 from .schedules import lookup
 from .stage import PipelineStage
 from .tied import ThreadTies
@@ -122,14 +123,29 @@ class Pipe:
         for r, sched in enumerate(self.schedules):
             sched._transport = C.InProcessTransport(self.hub, r)
             sched._tie_group = self.tie_group
-            sched._runner = None
+            sched._runner = sched._eval_runner = None
 
     def step(self, *args, target=None, losses: list | None = None, **kwargs):
         """One training step; returns the last stage's outputs (concatenated)."""
+        return self._run("step", args, kwargs, target, losses)
+
+    def eval(self, *args, target=None, losses: list | None = None, **kwargs):
+        """A forward-only pass (see ``PipelineSchedule.eval``); returns the outputs."""
+        return self._run("eval", args, kwargs, target, losses)
+
+    def _run(self, method: str, args: tuple, kwargs: dict, target, losses):
         # a batch that does not split is refused here, before any rank starts
-        split_microbatches(args, kwargs, self.chunks)
+        equal = method == "step" and not any(
+            st.dynamic_shapes for s in self.schedules for st in s.stages
+        )
+        split_batch(args, kwargs, self.chunks, equal=equal)
         if target is not None:
-            split_microbatches((target,), {}, self.chunks)
+            split_target(target, self.chunks, equal=equal)
+        if method == "step" and not torch.is_grad_enabled():
+            raise RuntimeError(
+                "step() trains, and gradients are disabled here (torch.no_grad()); use "
+                "pipe.eval(...) for a forward-only pass"
+            )
         results: list = [None] * len(self.schedules)
         errors: list[BaseException | None] = [None] * len(self.schedules)
 
@@ -145,7 +161,7 @@ class Pipe:
             on_stream = torch.cuda.stream(self.streams[r]) if self.streams[r] else None
             try:
                 with on_stream or contextlib.nullcontext():
-                    results[r] = sched.step(
+                    results[r] = getattr(sched, method)(
                         *(args if has_first else ()),
                         target=target,
                         losses=losses if any(s.is_last for s in sched.stages) else None,

@@ -7,35 +7,13 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .ir import Kind, Program
+from .microbatch import merge_outputs, split_batch, split_target
 from .nn.grad_hooks import HookRouter
 from .runtime import RankRunner, StepMetrics
 from .schedules import generate, lookup
 from .stage import PipelineStage
 from .tied import C10dTies, TiedParameters
 from .transports import check_kind, transport_for
-
-
-def split_microbatches(args: tuple, kwargs: dict, m: int) -> tuple[list[tuple], list[dict]]:
-    """Split tensor arguments along dim 0 into m equal microbatches; other values are
-    given unchanged to every microbatch."""
-
-    def split(value, where: str):
-        if not isinstance(value, torch.Tensor):
-            return [value] * m
-        if value.dim() == 0 or value.shape[0] % m:
-            size = value.shape[0] if value.dim() else "a scalar"
-            raise ValueError(
-                f"{where}: a batch of {size} does not split into {m} microbatches; use a batch "
-                f"size divisible by n_microbatches={m}"
-            )
-        return list(value.chunk(m, dim=0))
-
-    cols = [split(a, f"argument {i}") for i, a in enumerate(args)]
-    kcols = {k: split(v, f"argument {k!r}") for k, v in kwargs.items()}
-    return (
-        [tuple(c[i] for c in cols) for i in range(m)],
-        [{k: v[i] for k, v in kcols.items()} for i in range(m)],
-    )
 
 
 class _RankCompute:
@@ -66,6 +44,10 @@ class PipelineSchedule:
     example an in-process one) is used as given. ``program`` replaces the
     generated schedule with any validated Program. ``timeout`` (seconds) bounds every wait.
 
+    ``args_chunk_spec``, ``kwargs_chunk_spec`` and ``output_merge_spec`` are torch's: how
+    ``step`` splits its arguments into microbatches and merges the last stage's outputs (see
+    :mod:`ppfast.microbatch`; by default tensors split and merge along dim 0).
+
     Parameters the stages declare as tied (``PipelineStage(..., tied=...)``) start from the
     lowest owning stage's value at the first step and hold the sum of all owners' gradients
     after every step. Between processes that goes over the stages' group; ranks that are
@@ -79,6 +61,9 @@ class PipelineSchedule:
         stages: PipelineStage | Sequence[PipelineStage],
         n_microbatches: int,
         loss_fn: Callable | None = None,
+        args_chunk_spec: tuple | None = None,
+        kwargs_chunk_spec: dict | None = None,
+        output_merge_spec: object = None,
         *,
         scale_grads: bool = True,
         program: Program | None = None,
@@ -94,6 +79,9 @@ class PipelineSchedule:
             raise ValueError(f"n_microbatches must be at least 1, got {n_microbatches}")
         self.n_microbatches = n_microbatches
         self.loss_fn = loss_fn
+        self.args_chunk_spec = args_chunk_spec
+        self.kwargs_chunk_spec = kwargs_chunk_spec
+        self.output_merge_spec = output_merge_spec
         self.scale_grads = scale_grads
         self.timeout = timeout
         self._options = schedule_options
@@ -104,6 +92,7 @@ class PipelineSchedule:
         self._tie_group = tie_group
         self._ties: TiedParameters | None = None
         self._runner: RankRunner | None = None
+        self._eval_runner: RankRunner | None = None
         self._first_shapes: list | None = None
         self.last_metrics: StepMetrics | None = None
         if program is None:
@@ -134,6 +123,7 @@ class PipelineSchedule:
 
     def _setup(self) -> None:
         transport, rank, size = self._group_rank_size()
+        self._rank_transport = transport
         num_stages = self.stages[0].num_stages
         if any(s.num_stages != num_stages for s in self.stages):
             raise ValueError("all stages of a rank must agree on num_stages")
@@ -183,6 +173,7 @@ class PipelineSchedule:
             timeout=self.timeout,
             dynamic_shapes=any(s.dynamic_shapes for s in self.stages),
         )
+        self._forwards = program.forward_only()
         # after every check that can refuse the schedule, before any compute
         self._ties = self._setup_ties(rank, size)
         self._runner = runner
@@ -216,55 +207,117 @@ class PipelineSchedule:
 
     # ------------------------------------------------------------------ step
 
-    def step(self, *args, target=None, losses: list | None = None, **kwargs):
+    def step(
+        self,
+        *args,
+        target=None,
+        losses: list | None = None,
+        return_outputs: bool = True,
+        loss_kwargs: dict | None = None,
+        **kwargs,
+    ):
         """One training step over ``n_microbatches`` microbatches of the batch.
 
         Inputs go to the rank holding the first stage, ``target`` to the one holding the last;
-        ``losses`` (a list) receives each microbatch's loss there. Gradients accumulate into
-        ``.grad``, scaled for a mean over microbatches when ``scale_grads``. Returns the last
-        stage's outputs, concatenated, on that rank, else None.
+        ``losses`` (a list) receives each microbatch's loss there, and ``loss_kwargs`` go to
+        every ``loss_fn`` call. Gradients accumulate into ``.grad``, scaled for a mean over
+        microbatches when ``scale_grads``. Returns the last stage's outputs merged into one
+        batch on that rank (None elsewhere, or with ``return_outputs=False``, which also keeps
+        no outputs during the step).
         """
+        if not torch.is_grad_enabled():
+            raise RuntimeError(
+                "step() trains, and gradients are disabled here (torch.no_grad()); use "
+                "schedule.eval(...) for a forward-only pass"
+            )
+        return self._run(True, args, kwargs, target, losses, return_outputs, loss_kwargs)
+
+    def eval(self, *args, target=None, losses: list | None = None, **kwargs):
+        """A forward-only pass over the batch, pipelined like ``step`` (for validation).
+
+        Runs the schedule's forwards in its order, without autograd and without backward;
+        nothing changes in the model or its gradients. With a ``target`` (or a ``losses``
+        list) and a ``loss_fn``, the last stage computes each microbatch's loss into
+        ``losses``. Returns the last stage's outputs merged, on the rank holding it. Shapes
+        are agreed at every call, so evaluation batches may differ in size from training ones
+        and from each other.
+        """
+        return self._run(False, args, kwargs, target, losses, True, None)
+
+    def _run(self, training, args, kwargs, target, losses, return_outputs, loss_kwargs):
         m = self.n_microbatches
         by_index = {s.stage_index: s for s in self.stages}
         first, last = by_index.get(0), by_index.get(self.stages[0].num_stages - 1)
+        # ranks agree shapes once in training unless the stages say otherwise; eval always
+        equal = training and not any(s.dynamic_shapes for s in self.stages)
         mb_args, mb_kwargs = [()] * m, [{}] * m
         if first is not None:
             if not args and not kwargs:
-                raise ValueError("the rank holding stage 0 needs the batch: step(inputs, ...)")
-            mb_args, mb_kwargs = split_microbatches(args, kwargs, m)
-            shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
-            dynamic = any(s.dynamic_shapes for s in self.stages)
-            if self._first_shapes is not None and shapes != self._first_shapes and not dynamic:
-                raise ValueError(
-                    f"input shapes changed from {self._first_shapes} to {shapes}; build the "
-                    "stages with dynamic_shapes=True for inputs whose shape varies"
-                )
-            self._first_shapes = shapes
+                what = "step" if training else "eval"
+                raise ValueError(f"the rank holding stage 0 needs the batch: {what}(inputs, ...)")
+            mb_args, mb_kwargs = split_batch(
+                args, kwargs, m, self.args_chunk_spec, self.kwargs_chunk_spec, equal=equal
+            )
+            if training:
+                self._check_same_shapes(args)
         targets = None
         if last is not None and target is not None:
-            targets = split_microbatches((target,), {}, m)[0]
-            targets = [t[0] for t in targets]
+            targets = split_target(target, m, equal=equal)
         if self._runner is None:
             self._setup()
+        runner = self._runner if training else self._forward_runner()
         scale = 1.0 / m if self.scale_grads else 1.0
         for s in self.stages:
-            s.prepare(m, mb_args, mb_kwargs, targets, self.loss_fn, scale)
-        if self._ties is not None:
+            s.prepare(
+                m,
+                mb_args,
+                mb_kwargs,
+                targets,
+                self.loss_fn,
+                scale,
+                training=training,
+                keep_outputs=return_outputs,
+                loss_kwargs=loss_kwargs,
+                want_loss=training or target is not None or losses is not None,
+            )
+        if training and self._ties is not None:
             self._ties.begin_step()
-        self.last_metrics = self._runner.step()
+        self.last_metrics = runner.step()
         for s in self.stages:
             s.check_clean()
             s.finish_step()
-        if self._ties is not None:
+        if training and self._ties is not None:
             self._ties.reduce()  # after the last W: every owner gets the summed gradient
         if last is None:
             return None
         if losses is not None:
             losses.extend(last.losses())
-        chunks = [last.output_chunks[i] for i in range(m)]
-        if chunks and len(chunks[0]) == 1:
-            return torch.cat([c[0] for c in chunks])
-        return None
+        if not return_outputs:
+            return None
+        return merge_outputs([last.output_chunks[i] for i in range(m)], self.output_merge_spec)
+
+    def _check_same_shapes(self, args: tuple) -> None:
+        shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+        dynamic = any(s.dynamic_shapes for s in self.stages)
+        if self._first_shapes is not None and shapes != self._first_shapes and not dynamic:
+            raise ValueError(
+                f"input shapes changed from {self._first_shapes} to {shapes}; build the "
+                "stages with dynamic_shapes=True for inputs whose shape varies"
+            )
+        self._first_shapes = shapes
+
+    def _forward_runner(self) -> RankRunner:
+        """The executor of the schedule's forwards alone, built at the first ``eval``."""
+        if self._eval_runner is None:
+            self._eval_runner = RankRunner(
+                self._forwards,
+                self._runner.rank,
+                self._rank_transport,
+                _RankCompute(self.stages),
+                timeout=self.timeout,
+                dynamic_shapes=True,
+            )
+        return self._eval_runner
 
     def timeline(self):
         """This rank's last step as (rank, action, start, end) on the shared steady clock."""
@@ -302,8 +355,26 @@ ScheduleZBVZeroBubble = _schedule(
     "ScheduleZBVZeroBubble", "zb-v", "ZB-V: V placement, two stages per rank."
 )
 ScheduleDualPipeV = _schedule("ScheduleDualPipeV", "dualpipev", "DeepSeek's DualPipeV.")
+ScheduleLoopedBFS = _schedule(
+    "ScheduleLoopedBFS", "looped-bfs", "Looped BFS: several stages per rank, breadth first."
+)
 ScheduleZBH1 = _schedule("ScheduleZBH1", "zb-h1", "Zero bubble H1 (1F1B memory).")
 ScheduleZBH2 = _schedule("ScheduleZBH2", "zb-h2", "Zero bubble H2 (2p-1 in flight).")
 ScheduleAuto = _schedule(
     "ScheduleAuto", "auto", "Searched from costs (costs=, mem_cap= keyword options)."
 )
+
+
+def get_schedule_class(name: str) -> type[PipelineSchedule]:
+    """The schedule class for ``name``, like torch's ``get_schedule_class``: torch's names
+    ("1F1B", "Interleaved1F1B", "ZBVZeroBubble", ...) and ppfast's ("zb-h1", "auto", ...),
+    without regard to case, '-' or '_'."""
+    spec = lookup(name)  # an unknown name fails here, listing the known ones
+    for cls in (
+        ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B, ScheduleLoopedBFS,
+        ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble, ScheduleDualPipeV, ScheduleZBH1,
+        ScheduleZBH2, ScheduleAuto,
+    ):  # fmt: skip
+        if cls.schedule_name == spec.name:
+            return cls
+    return _schedule(f"Schedule_{spec.name}", spec.name, spec.summary)

@@ -13,7 +13,8 @@ or built by hand); it is lowered here if it holds no communication yet. ``transp
 ``compute`` has ``forward(stage, mb, inputs) -> (outputs, free_after_send)``,
 ``backward(stage, mb, grads, full) -> input_grads`` and ``weight(stage, mb)``, and optionally
 a ``device``. Received tensors stay valid until the last backward action of their
-(stage, microbatch); keep no reference to them after it.
+(stage, microbatch), or in a forward-only program (``Program.forward_only()``, for
+evaluation) until their forward; keep no reference to them after it.
 """
 
 from __future__ import annotations

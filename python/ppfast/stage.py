@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 from .dp_wrappers import wrapper_of
 from .nn.grad_hooks import HookRouter
@@ -45,6 +46,13 @@ class PipelineStage:
     data-parallel group, as torch's PipelineStage allows: the stage makes it reduce the whole
     step's gradients once (see :mod:`ppfast.dp_wrappers`). ``ppfast.parallel.DataParallelGrads``
     does the same for plain modules and overlaps the pipeline's tail.
+
+    torch's other arguments are taken too. ``input_args`` and ``output_args`` (one
+    microbatch's example input and output) are not needed to agree shapes, which ppfast does at
+    the first step; when given, that step checks the stage's real inputs and outputs against
+    them and names the difference. ``dw_builder`` is torch's hook for layers that defer their
+    own weight gradients: I runs the whole autograd backward and keeps ``dw_builder()``, W
+    calls what it returned, and B calls it at once.
     """
 
     def __init__(
@@ -54,12 +62,25 @@ class PipelineStage:
         num_stages: int,
         device: torch.device | str | None = None,
         group: object | None = None,
+        input_args: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+        output_args: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+        output_grads: object = None,
+        input_grads: object = None,
+        dw_builder: Callable[[], Callable[[], None]] | None = None,
+        get_mesh: object = None,
         *,
         dynamic_shapes: bool = False,
         tied: dict[str, nn.Parameter] | None = None,
     ):
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        if get_mesh is not None:
+            raise TypeError(
+                "get_mesh: ppfast stages pass plain tensors between ranks, not DTensors; give "
+                "the stage module plain-tensor inputs and outputs (shard inside the module)"
+            )
+        if dw_builder is not None and not callable(dw_builder):
+            raise TypeError("dw_builder must be a callable that returns the W function")
         # a DDP or FSDP module is driven so that it reduces once per step (dp_wrappers.py)
         self._dp = wrapper_of(
             module, stage_index, any(isinstance(m, Linear) for m in module.modules())
@@ -84,9 +105,16 @@ class PipelineStage:
         self.weight_store.router = HookRouter()
         self.split_layers = attach_store(module, self.weight_store)
         self.split_params = _split_params(module)
+        self.dw_builder = dw_builder
+        # torch's shape hints, checked against the first step's real tensors
+        self._expected = {"input": _meta_of(input_args), "output": _meta_of(output_args)}
         self._reset(0)
         self.loss_fn: Callable | None = None
+        self.loss_kwargs: dict = {}
         self.scale = 1.0
+        self.training = True
+        self.keep_outputs = True
+        self.want_loss = True
 
     @property
     def is_first(self) -> bool:
@@ -105,18 +133,44 @@ class PipelineStage:
         self._inputs: dict[int, tuple[torch.Tensor, ...]] = {}
         self._outputs: dict[int, tuple[torch.Tensor, ...]] = {}
         self._losses: dict[int, torch.Tensor] = {}
-        self.output_chunks: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._dw: dict[int, Callable[[], None]] = {}
+        # the last stage's outputs by microbatch, as the module returned them (detached)
+        self.output_chunks: dict[int, object] = {}
 
-    def prepare(self, m: int, args, kwargs, targets, loss_fn, scale: float) -> None:
-        """Microbatch inputs (first stage) and targets (last stage) for the next step."""
+    def prepare(
+        self,
+        m: int,
+        args,
+        kwargs,
+        targets,
+        loss_fn,
+        scale: float,
+        *,
+        training: bool = True,
+        keep_outputs: bool = True,
+        loss_kwargs: dict | None = None,
+        want_loss: bool = True,
+    ) -> None:
+        """Microbatch inputs (first stage) and targets (last stage) for the next step.
+
+        ``training`` False prepares a forward-only pass (``eval``): no autograd graph, nothing
+        kept for a backward, and the loss computed only when ``want_loss``. ``keep_outputs``
+        keeps the last stage's outputs for ``output_chunks``.
+        """
         self._reset(m)
-        self._dp.begin_step(m)
+        self.training = training
+        self.keep_outputs = keep_outputs
+        self.want_loss = want_loss
         if self.is_first:
             self._args, self._kwargs = args, kwargs
         if self.is_last:
             self._targets = targets if targets is not None else [None] * m
         self.loss_fn = loss_fn
+        self.loss_kwargs = loss_kwargs or {}
         self.scale = scale
+        if not training:
+            return
+        self._dp.begin_step(m)
         store = self.weight_store
         if store.enabled:
             store.begin_step(m)
@@ -128,18 +182,23 @@ class PipelineStage:
 
     def finish_step(self) -> None:
         """After the step's last action on this rank: a DDP or FSDP module's reduction."""
-        self._dp.end_step()
+        if self.training:
+            self._dp.end_step()
 
     def check_clean(self) -> None:
         """Every microbatch's tensors were dropped by its last backward, and every deferred
         weight gradient was computed."""
-        left = sorted(set(self._inputs) | set(self._outputs))
+        left = sorted(set(self._inputs) | set(self._outputs) | set(self._dw))
         assert not left, f"stage {self.stage_index} still holds microbatches {left} after the step"
         self.weight_store.check_empty()
 
     # ------------------------------------------------------------------ compute
 
     def forward(self, mb: int, inputs: Sequence[torch.Tensor] | None):
+        if self._expected["input"] is not None and inputs is not None:
+            self._check_meta("input", inputs)
+        if not self.training:
+            return self._forward_only(mb, inputs)
         if self.is_first:
             args, kwargs = self._args[mb], self._kwargs[mb]
             leaves: tuple[torch.Tensor, ...] = ()
@@ -161,6 +220,8 @@ class PipelineStage:
             self._finish_last(mb, out, leaves)
             return [], False
         outs = _as_tensor_tuple(out, self.stage_index)
+        if self._expected["output"] is not None:
+            self._check_meta("output", outs)
         self._inputs[mb] = leaves
         self._outputs[mb] = outs
         # An output's memory can go once it is sent if autograd kept no reference to it and
@@ -174,31 +235,77 @@ class PipelineStage:
         )
         return [o.detach() for o in outs], release
 
+    def _forward_only(self, mb: int, inputs: Sequence[torch.Tensor] | None):
+        """F of an evaluation pass: no graph, and nothing kept but the last stage's results."""
+        args, kwargs = (self._args[mb], self._kwargs[mb]) if self.is_first else (tuple(inputs), {})
+        with torch.no_grad():
+            out = self.submod(*args, **kwargs)
+            if self.is_last:
+                if self.want_loss and self.loss_fn is not None:
+                    self._losses[mb] = self._loss(mb, out).detach()
+                if self.keep_outputs:
+                    # the executor reuses the received buffers once this F is done
+                    self.output_chunks[mb] = tree_map_only(
+                        torch.Tensor, lambda t: _unshared(t, inputs), out
+                    )
+                return [], False
+        outs = tuple(_unshared(o, inputs) for o in _as_tensor_tuple(out, self.stage_index))
+        if self._expected["output"] is not None:
+            self._check_meta("output", outs)
+        return list(outs), all(o.is_contiguous() and o._base is None for o in outs)
+
+    def _loss(self, mb: int, out: object) -> torch.Tensor:
+        target = self._targets[mb]
+        kw = self.loss_kwargs
+        loss = self.loss_fn(out, target, **kw) if target is not None else self.loss_fn(out, **kw)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(
+                f"loss_fn must return a scalar tensor, got {shape}; reduce it (e.g. .mean())"
+            )
+        return loss
+
     def _finish_last(self, mb: int, out: object, leaves: tuple[torch.Tensor, ...]) -> None:
         self._inputs[mb] = leaves
         if self.loss_fn is None:
             raise ValueError(
                 "the last stage needs a loss_fn to start the backward; pass loss_fn to the schedule"
             )
-        target = self._targets[mb]
-        loss = self.loss_fn(out, target) if target is not None else self.loss_fn(out)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ValueError(
-                f"loss_fn must return a scalar tensor, got {shape}; reduce it (e.g. .mean())"
-            )
+        loss = self._loss(mb, out)
         self._losses[mb] = loss.detach()
-        self.output_chunks[mb] = tuple(
-            t.detach() for t in (out if isinstance(out, (tuple, list)) else (out,))
-        )
+        if self.keep_outputs:
+            # an output may be a received input, whose buffer is reused after its backward
+            self.output_chunks[mb] = tree_map_only(
+                torch.Tensor, lambda t: _unshared(t.detach(), leaves), out
+            )
         self._outputs[mb] = (loss * self.scale,)
+
+    def _check_meta(self, what: str, tensors: Sequence[torch.Tensor]) -> None:
+        """The first step's real inputs or outputs against torch's ``input_args`` /
+        ``output_args`` hints (checked once: later steps are held to the agreed shapes)."""
+        want = self._expected[what]
+        self._expected[what] = None
+        got = _meta_of(tuple(tensors))
+        if got != want:
+            raise ValueError(
+                f"stage {self.stage_index}: its {what}s are {_describe(got)} but {what}_args "
+                f"says {_describe(want)}; give {what}_args one microbatch's {what}s (or leave "
+                "it out: ppfast agrees shapes between stages at the first step)"
+            )
 
     def backward(self, mb: int, grads: Sequence[torch.Tensor] | None, full: bool):
         """Input gradients now. For an I (``full`` False) split layers leave their weight
         gradients to this microbatch's W; every other layer computes them here."""
         outs = self._outputs.pop(mb)
         with self.weight_store.backward(mb, defer=not full), self._dp.backward(outs):
-            return self._backward(mb, outs, grads)
+            out = self._backward(mb, outs, grads)
+        if self.dw_builder is not None:  # as torch: B runs the W function at once
+            dw = self.dw_builder()
+            if full:
+                dw()
+            else:
+                self._dw[mb] = dw
+        return out
 
     def _backward(self, mb: int, outs, grads: Sequence[torch.Tensor] | None):
         if self.is_last:
@@ -227,6 +334,30 @@ class PipelineStage:
     def weight(self, mb: int) -> None:
         """The W action: the weight gradients this microbatch's I deferred."""
         self.weight_store.flush(mb)
+        dw = self._dw.pop(mb, None)
+        if dw is not None:
+            dw()
+
+
+def _unshared(t: torch.Tensor, inputs: Sequence[torch.Tensor] | None) -> torch.Tensor:
+    """``t``, copied if it shares memory with a received input (whose buffer is reused)."""
+    if inputs and any(
+        t.untyped_storage().data_ptr() == i.untyped_storage().data_ptr() for i in inputs
+    ):
+        return t.clone()
+    return t
+
+
+def _meta_of(value) -> tuple | None:
+    """(shape, dtype) of each tensor of a hint or of real tensors; None for no hint."""
+    if value is None:
+        return None
+    tensors = (value,) if isinstance(value, torch.Tensor) else tuple(value)
+    return tuple((tuple(t.shape), t.dtype) for t in tensors)
+
+
+def _describe(meta: tuple) -> str:
+    return ", ".join(f"{str(d).removeprefix('torch.')}{list(s)}" for s, d in meta)
 
 
 def _split_params(module: nn.Module) -> list[nn.Parameter]:

@@ -20,7 +20,8 @@ def _fail(rank: int, action: str, reason: str) -> ProgramError:
 
 
 def check_structure(program: Program, encoded: list[list[int]] | None = None) -> None:
-    """Every (stage, mb) has one F and one B or one I then one W, in order on its rank; every
+    """Every (stage, mb) has one F and one B or one I then one W, in order on its rank (or,
+    in a forward-only program, no backward action at all); every
     action sits on the rank of its stage; and (when lowered) every cross-rank hand-off has its
     send and its receive, once each. Raises ProgramError on the first fault."""
     fault = _engine.check_structure(program, encoded)

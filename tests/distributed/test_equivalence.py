@@ -96,7 +96,7 @@ def test_matches_one_device(group_run, p, schedule, model, m_case):
         pytest.skip(f"{schedule} needs m >= 2p; m={m} was rejected before any communication")
     want = reference_of(model, p, m, num_stages_of(schedule, p))
     # a last stage with tuple outputs returns None from step
-    assert_matches(got, want, RTOL, ATOL, outputs=model != "two-stream")
+    assert_matches(got, want, RTOL, ATOL)
 
 
 # The matrix above runs over the default transport, shared memory between these CPU ranks.
@@ -112,4 +112,4 @@ def test_matches_one_device_over_gloo(group_run, schedule, model):
     p, m = 3, 7
     got = group_run(p, "c10d")[(schedule, model, m)]
     want = reference_of(model, p, m, num_stages_of(schedule, p))
-    assert_matches(got, want, RTOL, ATOL, outputs=model != "two-stream")
+    assert_matches(got, want, RTOL, ATOL)

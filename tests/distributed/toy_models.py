@@ -164,13 +164,30 @@ def reference(model: str, num_blocks: int, m: int, num_stages: int, seqs=(SEQ,) 
             loss = loss_fn(out, y_mb)
             (loss / m).backward()
             losses.append(loss.item())
-            outputs.append(out[0] if isinstance(out, tuple) else out)
+            outputs.append(out)
         result["losses"].append(losses)
-        result["outputs"].append(torch.cat(outputs).detach())
+        result["outputs"].append(_cat(outputs))
         result["grads"].append(stage_state(stages, "grad"))
         opt.step()
     result["params"] = stage_state(stages, "param")
+    # evaluation after training: forwards alone on the next step's batch
+    inputs, target = batch(model, m, len(seqs), seq=seqs[-1])
+    with torch.no_grad():
+        pairs = [
+            (out := whole(*x_mb), loss_fn(out, y_mb).item())
+            for x_mb, y_mb in zip(
+                zip(*(t.chunk(m) for t in inputs), strict=True), target.chunk(m), strict=True
+            )
+        ]
+    result["eval"] = {"losses": [x for _, x in pairs], "outputs": _cat([o for o, _ in pairs])}
     return result
+
+
+def _cat(outputs: list):
+    """Microbatch outputs as one batch: tensors, or tuples of tensors element by element."""
+    if isinstance(outputs[0], tuple):
+        return tuple(torch.cat(parts).detach() for parts in zip(*outputs, strict=True))
+    return torch.cat(outputs).detach()
 
 
 def assert_states_close(got: dict, want: dict, what: str, rtol: float, atol: float) -> None:
@@ -269,6 +286,12 @@ def train_rank(
         out["grads"].append(stage_state({s: chains[s] for s in mine}, "grad"))
         opt.step()
     out["params"] = stage_state({s: chains[s] for s in mine}, "param")
+    inputs, target = batch(model, m, len(seqs), seq=seqs[-1])
+    losses = []
+    result = sched.eval(
+        *(inputs if 0 in mine else ()), target=target if n - 1 in mine else None, losses=losses
+    )
+    out["eval"] = {"losses": [float(x) for x in losses], "outputs": result}
     return out
 
 
@@ -287,14 +310,23 @@ def merge_ranks(per_rank: list[dict], last_stage: int) -> dict:
     return {
         "losses": holder["losses"],
         "outputs": holder["outputs"],
+        "eval": holder.get("eval"),
         "grads": [{s: g for r in per_rank for s, g in r["grads"][k].items()} for k in range(steps)],
         "params": {s: t for r in per_rank for s, t in r["params"].items()},
     }
 
 
 def assert_matches(got: dict, want: dict, rtol: float, atol: float, outputs: bool = True) -> None:
-    """Losses per microbatch, outputs, every gradient at every step, and the final parameters."""
+    """Losses per microbatch, outputs, every gradient at every step, and the final parameters;
+    and, where both ran one, the evaluation pass after training."""
     import torch.testing
+
+    if got.get("eval") is not None and want.get("eval") is not None:
+        ge, we = got["eval"], want["eval"]
+        torch.testing.assert_close(
+            torch.tensor(ge["losses"]), torch.tensor(we["losses"]), rtol=rtol, atol=atol
+        )
+        torch.testing.assert_close(ge["outputs"], we["outputs"], rtol=rtol, atol=atol)
 
     assert "rejected" not in got, got.get("rejected")
     assert len(got["losses"]) == len(want["losses"])
