@@ -26,6 +26,7 @@ from .schedules import generate, schedule_names
 from .simulator import Costs, simulate
 from .stage import PipelineStage
 from .torch_format import from_pipeline_order, read_csv, to_pipeline_order, write_csv
+from .traced import build_stage
 from .validate import ProgramError, validate
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "ScheduleZBVZeroBubble",
     "Split",
     "StepMetrics",
+    "build_stage",
     "checkpoint",
     "from_pipeline_order",
     "generate",

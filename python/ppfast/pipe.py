@@ -125,20 +125,33 @@ class Pipe:
             sched._tie_group = self.tie_group
             sched._runner = sched._eval_runner = None
 
-    def step(self, *args, target=None, losses: list | None = None, **kwargs):
-        """One training step; returns the last stage's outputs (concatenated)."""
-        return self._run("step", args, kwargs, target, losses)
+    def step(
+        self,
+        *args,
+        target=None,
+        losses: list | None = None,
+        return_outputs: bool = True,
+        loss_kwargs: dict | None = None,
+        **kwargs,
+    ):
+        """One training step; returns the last stage's outputs merged (see
+        ``PipelineSchedule.step``)."""
+        extra = {"return_outputs": return_outputs, "loss_kwargs": loss_kwargs}
+        return self._run("step", args, kwargs, target, losses, extra)
 
     def eval(self, *args, target=None, losses: list | None = None, **kwargs):
         """A forward-only pass (see ``PipelineSchedule.eval``); returns the outputs."""
-        return self._run("eval", args, kwargs, target, losses)
+        return self._run("eval", args, kwargs, target, losses, {})
 
-    def _run(self, method: str, args: tuple, kwargs: dict, target, losses):
+    def _run(self, method: str, args: tuple, kwargs: dict, target, losses, extra: dict):
         # a batch that does not split is refused here, before any rank starts
+        first = self.schedules[0]
         equal = method == "step" and not any(
             st.dynamic_shapes for s in self.schedules for st in s.stages
         )
-        split_batch(args, kwargs, self.chunks, equal=equal)
+        split_batch(
+            args, kwargs, self.chunks, first.args_chunk_spec, first.kwargs_chunk_spec, equal=equal
+        )
         if target is not None:
             split_target(target, self.chunks, equal=equal)
         if method == "step" and not torch.is_grad_enabled():
@@ -165,6 +178,7 @@ class Pipe:
                         *(args if has_first else ()),
                         target=target,
                         losses=losses if any(s.is_last for s in sched.stages) else None,
+                        **extra,
                         **(kwargs if has_first else {}),
                     )
             except BaseException as e:  # noqa: BLE001 - reported below, root cause first

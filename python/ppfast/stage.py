@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map_only
+from torch.utils._pytree import tree_flatten, tree_map_only
 
 from .dp_wrappers import wrapper_of
 from .nn.grad_hooks import HookRouter
@@ -224,16 +224,7 @@ class PipelineStage:
             self._check_meta("output", outs)
         self._inputs[mb] = leaves
         self._outputs[mb] = outs
-        # An output's memory can go once it is sent if autograd kept no reference to it and
-        # it shares memory with no input (a stage may return an input unchanged).
-        in_ptrs = {t.untyped_storage().data_ptr() for t in leaves}
-        release = all(
-            o.is_contiguous()
-            and o._base is None
-            and o.untyped_storage().data_ptr() not in saved | in_ptrs
-            for o in outs
-        )
-        return [o.detach() for o in outs], release
+        return [o.detach() for o in outs], _releasable(outs, saved | _storages((args, kwargs)))
 
     def _forward_only(self, mb: int, inputs: Sequence[torch.Tensor] | None):
         """F of an evaluation pass: no graph, and nothing kept but the last stage's results."""
@@ -252,7 +243,7 @@ class PipelineStage:
         outs = tuple(_unshared(o, inputs) for o in _as_tensor_tuple(out, self.stage_index))
         if self._expected["output"] is not None:
             self._check_meta("output", outs)
-        return list(outs), all(o.is_contiguous() and o._base is None for o in outs)
+        return list(outs), _releasable(outs, _storages((args, kwargs)))
 
     def _loss(self, mb: int, out: object) -> torch.Tensor:
         target = self._targets[mb]
@@ -337,6 +328,25 @@ class PipelineStage:
         dw = self._dw.pop(mb, None)
         if dw is not None:
             dw()
+
+
+def _storages(tree) -> set[int]:
+    """Where the tensors in ``tree`` (arguments, nested or not) keep their memory."""
+    return {
+        t.untyped_storage().data_ptr()
+        for t in tree_flatten(tree)[0]
+        if isinstance(t, torch.Tensor) and t.device.type != "meta"
+    }
+
+
+def _releasable(outs: Sequence[torch.Tensor], kept: set[int]) -> bool:
+    """May the outputs' memory go once sent? Only if each is a tensor of its own: no view,
+    nothing autograd saved, and no argument of the stage (a stage may return one unchanged,
+    and the first stage's arguments are the caller's)."""
+    return all(
+        o.is_contiguous() and o._base is None and o.untyped_storage().data_ptr() not in kept
+        for o in outs
+    )
 
 
 def _unshared(t: torch.Tensor, inputs: Sequence[torch.Tensor] | None) -> torch.Tensor:
