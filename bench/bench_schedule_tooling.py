@@ -21,13 +21,14 @@ from pathlib import Path
 
 from ppfast.benchmarks.machine import describe
 from ppfast.ir import gc_paused
-from ppfast.schedules import generate
+from ppfast.schedules import generate, lookup
 from ppfast.simulator import simulate
 from ppfast.validate import validate
 
 # ppfast name -> torch class name (same shape of schedule)
 PAIRS = {
     "interleaved-1f1b": "Interleaved1F1B",
+    "looped-bfs": "LoopedBFS",
     "interleaved-zb": "InterleavedZeroBubble",
     "zb-v": "ZBVZeroBubble",
     "dualpipev": "DualPipeV",
@@ -36,7 +37,7 @@ PAIRS = {
 
 def time_ppfast(name: str, p: int, m: int, v: int) -> dict:
     t0 = time.perf_counter()
-    prog = generate(name, p, m, v if name.startswith("interleaved") else None)
+    prog = generate(name, p, m, v if lookup(name).v_free else None)
     t1 = time.perf_counter()
     lowered = validate(prog)  # structure, lowering, structure again, dry run
     t2 = time.perf_counter()

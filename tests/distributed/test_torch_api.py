@@ -6,8 +6,7 @@
 on 2 gloo ranks once with torch.distributed.pipelining and once with ppfast, for every
 schedule both have; losses, outputs, gradients and parameters after the steps, and the eval
 pass must agree (fp32, rtol 1e-5). Where torch's own eval fails (torch 2.13, V-placed
-schedules: "can't steal_bwd_input if this stage doesn't have backward" on one rank, while the
-other waits), only ppfast's runs;
+schedules), only ppfast's runs;
 tests/test_pipe.py and test_equivalence.py check every schedule's eval against one device.
 """
 
@@ -69,8 +68,8 @@ def script(runtime: str, rank: int, world: int, name: str) -> dict:
         out["grads"].append([q.grad.clone() for q in params])
         opt.step()
     out["params"] = [q.detach().clone() for q in params]
-    # torch added eval in 2.8; under V placement its eval fails on one rank and leaves the other
-    # waiting (2.13), so only ppfast's runs there
+    # torch added eval in 2.8; under V placement its eval fails (2.13: an assertion on one rank
+    # while the other waits, or a receive of a garbage size), so only ppfast's runs there
     if hasattr(schedule, "eval") and (runtime == "ppfast" or name not in V_PLACED):
         losses = []
         args = (x,) if 0 in mine else ()
