@@ -8,7 +8,7 @@ Environment switches:
 import os
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
 
@@ -64,15 +64,8 @@ def ext_modules():
 modules, cmdclass = ext_modules()
 setup(
     package_dir={"ppfast": "python/ppfast", "ppfast.kernels": "kernels"},
-    packages=[
-        "ppfast",
-        "ppfast.benchmarks",
-        "ppfast.checkpoint",
-        "ppfast.demo",
-        "ppfast.nn",
-        "ppfast.schedules",
-        "ppfast.kernels",
-    ],
+    # every package under python/ (the layers and their parts), and the Triton kernels
+    packages=[*find_packages("python"), "ppfast.kernels"],
     ext_modules=modules,
     cmdclass=cmdclass,
 )

@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 import ppfast
-from ppfast.benchmarks.machine import describe
 from ppfast.nn import WeightGradStore
 from ppfast.nn.linear import attach_store
+from ppfast.tools.benchmarks.machine import describe
 
 SHAPES = [(2048, 1024, 1024), (2048, 1024, 4096), (2048, 4096, 1024), (4096, 2048, 2048)]
 

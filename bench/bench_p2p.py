@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ppfast.benchmarks.p2p import main
+from ppfast.tools.benchmarks.p2p import main
 
 if __name__ == "__main__":
     argv = sys.argv[1:]

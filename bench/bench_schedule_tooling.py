@@ -19,11 +19,11 @@ import time
 import warnings
 from pathlib import Path
 
-from ppfast.benchmarks.machine import describe
-from ppfast.ir import gc_paused
-from ppfast.schedules import generate, lookup
-from ppfast.simulator import simulate
-from ppfast.validate import validate
+from ppfast.program.ir import gc_paused
+from ppfast.program.schedules import generate, lookup
+from ppfast.program.simulator import simulate
+from ppfast.program.validate import validate
+from ppfast.tools.benchmarks.machine import describe
 
 # ppfast name -> torch class name (same shape of schedule)
 PAIRS = {

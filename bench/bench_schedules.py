@@ -8,7 +8,7 @@ Writes bench/results/schedules.json unless --json says otherwise; see ``--help``
 import sys
 from pathlib import Path
 
-from ppfast.benchmarks.schedules import main
+from ppfast.tools.benchmarks.schedules import main
 
 if __name__ == "__main__":
     argv = sys.argv[1:]

@@ -2,9 +2,9 @@
 
 import pytest
 
-from ppfast.schedules import SCHEDULES, generate
-from ppfast.simulator import Costs, simulate
-from ppfast.validate import validate
+from ppfast.program.schedules import SCHEDULES, generate
+from ppfast.program.simulator import Costs, simulate
+from ppfast.program.validate import validate
 
 COSTS = {
     "equal": Costs(),

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from ppfast.benchmarks import p2p
-from ppfast.cli import main as cli_main
+from ppfast.tools.benchmarks import p2p
+from ppfast.tools.cli import main as cli_main
 
 HAS_CUDA = torch.cuda.is_available()
 TINY = ["--min-size", "256K", "--max-size", "1M", "--reps", "8", "--warmup", "1"]

@@ -10,7 +10,7 @@ import pytest
 @pytest.mark.timeout(120)
 def test_bench_schedules_tiny(tmp_path):
     out = tmp_path / "s.json"
-    cmd = [sys.executable, "-m", "ppfast.cli", "bench", "schedules", "--rounds", "1"]
+    cmd = [sys.executable, "-m", "ppfast", "bench", "schedules", "--rounds", "1"]
     cmd += ["--schedules", "1f1b,zb-h1", "--width", "32", "--batch", "16", "--json", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=110)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -26,7 +26,7 @@ def test_bench_schedules_tiny(tmp_path):
 
 
 def test_bench_schedules_rejects_bad_split():
-    from ppfast.benchmarks.schedules import main
+    from ppfast.tools.benchmarks.schedules import main
 
     with pytest.raises(ValueError, match="multiple of 4"):
         main(["--depth", "6"])
@@ -35,7 +35,7 @@ def test_bench_schedules_rejects_bad_split():
 @pytest.mark.timeout(120)
 def test_bench_schedules_on_the_demo_model(tmp_path):
     out = tmp_path / "g.json"
-    cmd = [sys.executable, "-m", "ppfast.cli", "bench", "schedules", "--model", "gpt"]
+    cmd = [sys.executable, "-m", "ppfast", "bench", "schedules", "--model", "gpt"]
     cmd += ["--rounds", "1", "--schedules", "zb-v", "--width", "32", "--depth", "4"]
     cmd += ["--batch", "8", "--json", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=110)

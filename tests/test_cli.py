@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from ppfast.cli import main
-from ppfast.torch_format import read_csv
+from ppfast.program.torch_format import read_csv
+from ppfast.tools.cli import main
 
 
 def run(capsys, *argv):
@@ -141,6 +141,6 @@ def test_bad_arguments_say_what_to_change(capsys):
 
 def test_console_script_is_installed():
     out = subprocess.run(
-        [sys.executable, "-m", "ppfast.cli", "list"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "ppfast", "list"], capture_output=True, text=True, check=True
     )
     assert "zb-v" in out.stdout and "dualpipev" in out.stdout

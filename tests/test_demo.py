@@ -1,6 +1,6 @@
 """`ppfast demo`: a short run writes its files and matches one device; Ctrl-C leaves nothing behind.
 
-The demo runs as a user runs it, in a subprocess (`python -m ppfast.cli demo ...`), on a tiny
+The demo runs as a user runs it, in a subprocess (`python -m ppfast demo ...`), on a tiny
 model so that two gloo ranks finish in seconds. Every wait has a hard timeout. Timings are
 printed by the demo but never asserted.
 """
@@ -32,7 +32,7 @@ def demo_env() -> dict:
 
 def demo(*args: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "ppfast.cli", "demo", *args],
+        [sys.executable, "-m", "ppfast", "demo", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -178,7 +178,7 @@ def _supervised(*ranks) -> tuple[int, list]:
     import multiprocessing as mp
     from multiprocessing.connection import wait
 
-    from ppfast.demo import launch
+    from ppfast.tools.demo import launch
 
     ctx = mp.get_context("fork")
     procs, conns = [], []

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ppfast.ir import (
+from ppfast.program.ir import (
     Action,
     Kind,
     Program,
@@ -42,7 +42,7 @@ def test_legacy_naming_maps_b_to_input_grad_and_bw_to_full():
     assert parse_action("1B3", "legacy") == Action(1, Kind.I, 3)
     assert parse_action("1BW3", "legacy") == Action(1, Kind.B, 3)
     assert parse_action("1W3", "legacy") == Action(1, Kind.W, 3)
-    from ppfast.ir import format_action
+    from ppfast.program.ir import format_action
 
     assert format_action(Action(1, Kind.I, 3), "legacy") == "1B3"
     assert format_action(Action(1, Kind.B, 3), "legacy") == "1BW3"

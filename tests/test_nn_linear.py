@@ -220,7 +220,7 @@ def test_autocast_matches_nn_linear_under_autocast():
 
 
 def test_hooked_sees_tensor_hooks_post_accumulate_hooks_and_held_nodes():
-    from ppfast.nn.grad_hooks import hooked
+    from ppfast.training.grad_hooks import hooked
 
     ps = [nn.Parameter(torch.zeros(2)) for _ in range(5)]
     ps[1].register_hook(lambda g: None)

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import ppfast
-from ppfast._balance import balance
-from ppfast.partition import Split, split
+from ppfast.model.balance import balance
+from ppfast.model.partition import Split, split
 
 RTOL, ATOL = 1e-5, 1e-6
 

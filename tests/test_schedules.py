@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-import ppfast.schedules as schedules_pkg
-from ppfast.ir import Kind, Program, loop_placement, v_placement
-from ppfast.schedules import SCHEDULES, generate, lookup, schedule_names
-from ppfast.simulator import Costs, simulate
-from ppfast.validate import validate
+import ppfast.program.schedules as schedules_pkg
+from ppfast.program.ir import Kind, Program, loop_placement, v_placement
+from ppfast.program.schedules import SCHEDULES, generate, lookup, schedule_names
+from ppfast.program.simulator import Costs, simulate
+from ppfast.program.validate import validate
 
 EPS = 1e-9
 PS = [2, 3, 4, 8]

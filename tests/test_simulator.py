@@ -2,9 +2,9 @@
 
 import pytest
 
-from ppfast.ir import Program
-from ppfast.simulator import Costs, simulate
-from ppfast.validate import ProgramError
+from ppfast.program.ir import Program
+from ppfast.program.simulator import Costs, simulate
+from ppfast.program.validate import ProgramError
 
 ONE_F_ONE_B_2x2 = "rank 0: 0F0 0F1 0B0 0B1\nrank 1: 1F0 1B0 1F1 1B1"
 
@@ -79,7 +79,7 @@ def test_a_program_that_cannot_finish_is_an_error_naming_rank_and_action():
 
 @pytest.mark.parametrize("p", [2, 3, 4, 8])
 def test_zb_h2_has_no_idle_inside_any_rank_span_and_zb_h1_does(p):
-    from ppfast.schedules import generate
+    from ppfast.program.schedules import generate
 
     m = 2 * p
     h2 = simulate(generate("zb-h2", p, m))

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).parent / "distributed"))
 import test_split_backward as tsb  # noqa: E402
 from toy_models import assert_matches  # noqa: E402
 
-from ppfast.errors import PipelineCommError  # noqa: E402
-from ppfast.tied import ThreadTies  # noqa: E402
+from ppfast.model.ties import ThreadTies  # noqa: E402
+from ppfast.runtime.errors import PipelineCommError  # noqa: E402
 
 RTOL, ATOL = 1e-5, 1e-6
 TIED = [("0.embed.weight", "{last}.head.weight"), ("0.proj_in.weight", "{last}.proj_out.weight")]

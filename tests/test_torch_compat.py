@@ -17,7 +17,7 @@ from torch import nn
 from torch.distributed.pipelining.microbatch import TensorChunkSpec, _Replicate
 
 import ppfast
-from ppfast.microbatch import split_batch
+from ppfast.training.microbatch import split_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,18 +7,18 @@ import pytest
 from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
 from torch.distributed.pipelining.schedules import _Action
 
-from ppfast.ir import Action, Kind, Program
-from ppfast.lowering import lower
-from ppfast.schedules import generate, schedule_names
-from ppfast.simulator import simulate
-from ppfast.torch_format import (
+from ppfast.program.ir import Action, Kind, Program
+from ppfast.program.lowering import lower
+from ppfast.program.schedules import generate, schedule_names
+from ppfast.program.simulator import simulate
+from ppfast.program.torch_format import (
     detect_naming,
     from_pipeline_order,
     read_csv,
-    to_pipeline_order,
     write_csv,
 )
-from ppfast.validate import validate
+from ppfast.program.validate import validate
+from ppfast.training.torch_order import to_pipeline_order
 
 
 def _csv_text(program, **kw):

@@ -4,9 +4,9 @@ import random
 
 import pytest
 
-from ppfast.ir import Action, Kind, Program
-from ppfast.lowering import lower
-from ppfast.validate import ProgramError, check_structure, dry_run, is_valid, validate
+from ppfast.program.ir import Action, Kind, Program
+from ppfast.program.lowering import lower
+from ppfast.program.validate import ProgramError, check_structure, dry_run, is_valid, validate
 
 GOOD = "rank 0: 0F0 0F1 0I0 0W0 0I1 0W1\nrank 1: 1F0 1I0 1F1 1I1 1W0 1W1"
 
@@ -137,7 +137,7 @@ def test_rendezvous_pair_posted_apart_deadlocks_but_coalesced_does_not():
 
 
 def _programs():
-    from ppfast.schedules import generate
+    from ppfast.program.schedules import generate
 
     out = []
     for name, p, m, v in [

@@ -56,8 +56,8 @@ inline void register_runtime(pybind11::module_& m) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const CommError& e) {
-      // ppfast.errors.PipelineCommError carries rank, action and peer as attributes
-      py::object cls = py::module_::import("ppfast.errors").attr("PipelineCommError");
+      // ppfast.runtime.errors.PipelineCommError carries rank, action and peer as attributes
+      py::object cls = py::module_::import("ppfast.runtime.errors").attr("PipelineCommError");
       py::object exc = cls(e.what(), e.rank, e.action, e.peer, e.timed_out);
       PyErr_SetObject(cls.ptr(), exc.ptr());
     }

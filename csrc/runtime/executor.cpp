@@ -8,7 +8,7 @@
 #include <limits>
 #include <optional>
 
-#include "engine.h"
+#include "program/engine.h"
 
 namespace ppfast {
 namespace {

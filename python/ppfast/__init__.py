@@ -1,13 +1,22 @@
 """ppfast: a pipeline-parallel training runtime for PyTorch."""
 
+# The model tools register their parts of the stage and the schedules as they are imported
+# (ppfast.training.extensions), so every one of them is imported here.
 from . import checkpoint, nn, parallel, recompute
 from ._native import C as _C  # noqa: F401  (raises with build instructions when missing)
-from .errors import PipelineCommError
-from .ir import Action, Kind, Program, loop_placement, parse_action, v_placement
-from .lowering import lower
-from .partition import Split, split
-from .pipe import Pipe
-from .pipeline import (
+from .model import ties as _ties  # noqa: F401
+from .model.partition import Split, split
+from .program.ir import Action, Kind, Program, loop_placement, parse_action, v_placement
+from .program.lowering import lower
+from .program.schedules import generate, schedule_names
+from .program.simulator import Costs, simulate
+from .program.torch_format import from_pipeline_order, read_csv, write_csv
+from .program.validate import ProgramError, validate
+from .runtime.errors import PipelineCommError
+from .runtime.metrics import StepMetrics
+from .runtime.runner import RankRunner
+from .training.pipe import Pipe
+from .training.pipeline import (
     PipelineSchedule,
     Schedule1F1B,
     ScheduleAuto,
@@ -21,13 +30,9 @@ from .pipeline import (
     ScheduleZBVZeroBubble,
     get_schedule_class,
 )
-from .runtime import RankRunner, StepMetrics
-from .schedules import generate, schedule_names
-from .simulator import Costs, simulate
-from .stage import PipelineStage
-from .torch_format import from_pipeline_order, read_csv, to_pipeline_order, write_csv
-from .traced import build_stage
-from .validate import ProgramError, validate
+from .training.stage import PipelineStage
+from .training.torch_order import to_pipeline_order
+from .training.traced import build_stage
 
 __all__ = [
     "Action",

@@ -34,7 +34,7 @@ from toy_models import Chain, build_blocks, split_stages
 
 import ppfast
 import ppfast.checkpoint as ckpt
-from ppfast.partition import split
+from ppfast.model.partition import split
 
 WIDTH, BLOCKS, M, MICROBATCH, K, J, LR = 32, 6, 4, 2, 3, 3, 1e-2
 CUTS = {2: (0, 6, 12), 3: (0, 4, 8, 12)}  # children of the Sequential held by each stage

@@ -1,4 +1,4 @@
-"""ppfast.traced.build_stage on models split by torch.distributed.pipelining.pipeline().
+"""ppfast.build_stage on models split by torch.distributed.pipelining.pipeline().
 
 Stages built from the traced pipe and trained on two gloo ranks match the same model, not
 traced, trained on one device with the same microbatches: per-microbatch losses, every
@@ -33,7 +33,7 @@ from torch import fx, nn
 from torch.distributed.pipelining import SplitPoint, pipeline
 from toy_models import SCHEDULE_CLASSES, make_optimizer, num_stages_of, placement
 
-from ppfast.traced import _Plan, build_stage
+from ppfast.training.traced import _Plan, build_stage
 
 # torch's pipeline() deep-copies pytree specs, which warns in torch 2.13
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec:FutureWarning")

@@ -22,7 +22,7 @@ SLOTS = 64  # a lane's slots (shm_transport.cpp)
 def _shm(rank: int, world: int, kind: str = "shm"):
     import torch.distributed as dist
 
-    from ppfast.transports import transport_for
+    from ppfast.runtime.transports import transport_for
 
     return transport_for(dist.group.WORLD, "cpu", kind)
 
@@ -179,7 +179,7 @@ def test_no_names_are_left_in_dev_shm():
 def kinds(rank: int, world: int) -> dict:
     import torch.distributed as dist
 
-    from ppfast.transports import transport_for
+    from ppfast.runtime.transports import transport_for
 
     out = {
         "auto": transport_for(dist.group.WORLD, "cpu", "auto").name,
@@ -188,10 +188,10 @@ def kinds(rank: int, world: int) -> dict:
     os.environ["PPFAST_TRANSPORT"] = "c10d"
     out["env"] = transport_for(dist.group.WORLD, "cpu", None).name
     # a /dev/shm with less room than auto asks for (one rank's view is enough)
-    import ppfast.transports
+    import ppfast.runtime.transports
 
     if rank == 1:
-        ppfast.transports.AUTO_MIN_FREE = 1 << 62
+        ppfast.runtime.transports.AUTO_MIN_FREE = 1 << 62
     out["small"] = transport_for(dist.group.WORLD, "cpu", "auto").name
     out["small-forced"] = transport_for(dist.group.WORLD, "cpu", "shm").name
     return out
@@ -207,7 +207,7 @@ def test_auto_picks_shared_memory_for_cpu_ranks_of_one_host_with_room():
 
 def test_an_unknown_transport_is_refused_before_any_communication(monkeypatch):
     import ppfast
-    from ppfast.transports import check_kind
+    from ppfast.runtime.transports import check_kind
 
     with pytest.raises(ValueError, match="not one of auto, c10d, shm"):
         check_kind("tcp")
@@ -221,7 +221,7 @@ def test_names_a_crashed_run_left_are_swept(tmp_path):
     import subprocess
     import sys
 
-    from ppfast.transports import sweep
+    from ppfast.runtime.transports import sweep
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)  # fmt: skip

@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .layout import StageLayout, meta
+
 if TYPE_CHECKING:
     from .held import Held
-    from .layout import StageLayout
 
 FORMAT = "ppfast-checkpoint"
 VERSION = 1
@@ -50,13 +51,6 @@ def atomic(path: str, write: Callable) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def meta(v) -> dict:
-    """How the manifest describes a value of a state_dict: shape and dtype."""
-    if isinstance(v, torch.Tensor):
-        return {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
-    return {"shape": None, "dtype": type(v).__name__}
 
 
 def _kinds(module: nn.Module) -> dict[str, str]:

@@ -9,7 +9,7 @@ import torch
 
 from . import files
 from .held import Held, held, spread
-from .layout import StageLayout, check_fit, fill, layouts_of
+from .layout import StageLayout, check_fit, fill, layouts_of, meta
 from .optimizer import load_optimizer, merge_optimizer, same
 
 
@@ -106,7 +106,7 @@ def _fitted(full: Mapping, stages, names, group) -> tuple[list[Held], list[Stage
     names, shapes and dtypes are there, and, when every stage is given, nothing else is."""
     mine = held(stages)
     lays = layouts_of(mine, names, group)
-    tensors = {k: files.meta(v) for k, v in full.items()}
+    tensors = {k: meta(v) for k, v in full.items()}
     for h, lay in zip(mine, lays, strict=True):
         sub = {n: tensors[n] for n in set(lay.names.values()) if n in tensors}
         missing = sorted(set(lay.names.values()) - set(sub))

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..stage import PipelineStage
+from ..training.stage import PipelineStage
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .files import meta
 from .held import Held, all_gather, group_of, held, spread
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList)
+
+
+def meta(v) -> dict:
+    """How the manifest describes a value of a state_dict: shape and dtype."""
+    if isinstance(v, torch.Tensor):
+        return {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+    return {"shape": None, "dtype": type(v).__name__}
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .grad_hooks import HookRouter
-from .weight_grad_store import WeightGradStore
+from ..training.extensions import Extension, register
+from ..training.grad_hooks import HookRouter
+from ..training.weight_store import WeightGradStore
 
 
 def _grad_buffer(param: torch.Tensor, router: HookRouter | None = None) -> torch.Tensor:
@@ -89,7 +90,7 @@ class Linear(nn.Linear):
     Hooks on a parameter (``register_hook``, ``register_post_accumulate_grad_hook``, hooks on
     its AccumulateGrad node such as DDP's) fire once per step in a split schedule, after the
     stage's last W, with the step's whole gradient of that stage, which then goes to ``.grad``
-    as autograd would put it (see :class:`~ppfast.nn.grad_hooks.HookRouter`).
+    as autograd would put it (see :class:`~ppfast.training.grad_hooks.HookRouter`).
     """
 
     weight_store: WeightGradStore | None = None
@@ -136,9 +137,17 @@ def convert(module: nn.Module, exclude=()) -> nn.Module:
 
 def attach_store(module: nn.Module, store: WeightGradStore) -> int:
     """Give every split layer in ``module`` this stage's store; returns how many there are."""
-    n = 0
+    return len(_attach(module, store))
+
+
+def _attach(module: nn.Module, store: WeightGradStore) -> list[nn.Parameter]:
+    """The stage's part of the split layers: each gets the store; their parameters come back."""
+    params: list[nn.Parameter] = []
     for m in module.modules():
         if isinstance(m, Linear):
             m.weight_store = store
-            n += 1
-    return n
+            params += [p for p in (m.weight, m.bias) if p is not None]
+    return params
+
+
+register(Extension("ppfast.nn", split_layers=_attach))

@@ -1,0 +1,100 @@
+"""Runs one rank of a validated Program on the native executor: the low-level entry point.
+
+Frameworks that build their own programs use this directly::
+
+    runner = RankRunner(program, rank, transport, compute, timeout=60)
+    for batch in data:
+        ...                      # give `compute` this step's microbatches
+        metrics = runner.step()  # StepMetrics
+
+``program`` is any validated :class:`~ppfast.Program` (generated, imported from torch's CSV,
+or built by hand); it is lowered here if it holds no communication yet. ``transport`` is a
+``ppfast._C.C10dTransport`` (any ProcessGroup) or ``InProcessTransport`` (ranks as threads).
+``compute`` has ``forward(stage, mb, inputs) -> (outputs, free_after_send)``,
+``backward(stage, mb, grads, full) -> input_grads`` and ``weight(stage, mb)``, and optionally
+a ``device``. Received tensors stay valid until the last backward action of their
+(stage, microbatch), or in a forward-only program (``Program.forward_only()``, for
+evaluation) until their forward; keep no reference to them after it.
+"""
+
+from __future__ import annotations
+
+from .._native import C
+from ..program.engine import encode_rank
+from ..program.ir import Program, format_action
+from ..program.validate import validate
+from .metrics import StepMetrics
+
+
+class RankRunner:
+    """Owns the executor of one rank of ``program``."""
+
+    def __init__(
+        self,
+        program: Program,
+        rank: int,
+        transport: object,
+        compute: object,
+        *,
+        timeout: float = 300.0,
+        dynamic_shapes: bool = False,
+    ):
+        if not 0 <= rank < program.p:
+            raise ValueError(f"rank {rank} is outside the program's {program.p} ranks")
+        size = getattr(transport, "size", program.p)
+        if size != program.p:
+            raise ValueError(
+                f"the program has {program.p} ranks but the transport connects {size}; build "
+                "the program for the group's size"
+            )
+        # checked before anything is sent; lowered here if it has no communication yet
+        self.program = validate(program)
+        self.rank = rank
+        acts = self.program.ranks[rank]
+        self.names = [format_action(a) for a in acts]
+        self._compute = compute
+        self._executor = C.Executor(
+            rank,
+            list(self.program.stage_to_rank),
+            self.program.num_microbatches,
+            encode_rank(acts),
+            self.names,
+            transport,
+            compute,
+            int(timeout * 1000),
+            dynamic_shapes,
+        )
+        self.last: dict | None = None
+
+    def set_timeout(self, seconds: float) -> None:
+        self._executor.set_timeout_ms(int(seconds * 1000))
+
+    def step(self) -> StepMetrics:
+        res = self._executor.step()
+        self.last = res
+        acts = self.program.ranks[self.rank]
+        spans = [
+            (self.names[k], res["start"][k], res["end"][k])
+            for k, a in enumerate(acts)
+            if a.is_compute
+        ]
+        busy = sum(e - s for _, s, e in spans)
+        wall = res["wall"]
+        lat = [done - posted for _, posted, done in res["comm"] if done == done]
+        return StepMetrics(self.rank, wall, busy, 1.0 - busy / wall if wall else 0.0, spans, lat)
+
+    def timeline(self) -> list[tuple[int, object, float, float]]:
+        """The last step's compute actions as (rank, action, start, end), for ppfast.program.draw.
+
+        Times are seconds on the machine's steady clock, which every process of one machine
+        shares, so timelines of several ranks line up.
+        """
+        if self.last is None:
+            return []
+        acts = self.program.ranks[self.rank]
+        t0 = self.last["epoch"]
+        return [
+            (self.rank, a, t0 + self.last["start"][k], t0 + self.last["end"][k])
+            for k, a in enumerate(acts)
+            if a.is_compute
+        ]

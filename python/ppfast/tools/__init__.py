@@ -1,0 +1,1 @@
+"""Tools built on the library: the ``ppfast`` command line, the demo and the benchmarks."""
