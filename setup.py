@@ -42,8 +42,11 @@ def ext_modules():
     # No -std here: torch adds the standard its headers need (C++20 for torch 2.13) only when
     # none is given. The core's own C++17 is held by CMakeLists.txt.
     cxx += ["-Wall"]
-    # the runtime (executor, transports) needs torch's headers; the core does not
-    runtime = sorted(f"csrc/runtime/{p.name}" for p in (ROOT / "csrc" / "runtime").glob("*.cpp"))
+    # the runtime (executor, transports) and the test backends need torch's headers; the
+    # program engine does not
+    runtime = sorted(
+        f"csrc/{d}/{p.name}" for d in ("runtime", "testing") for p in (ROOT / "csrc" / d).glob("*.cpp")
+    )
     sources = core_sources() + runtime + ["csrc/bindings.cpp"]
     kwargs = {"include_dirs": [str(ROOT / "csrc")]}
     if want_cuda():

@@ -8,7 +8,7 @@ Layers, lowest first (docs/architecture.md):
     training    ppfast.training                         stage, schedule classes, Pipe, microbatching
     model tools ppfast.model, .nn, .recompute, .parallel, .checkpoint
     api         ppfast (its __init__)                   the public names
-    tools       ppfast.tools, ppfast.__main__           CLI, demo, benchmarks
+    tools       ppfast.tools, .testing, .__main__       CLI, demo, benchmarks, test backends
 
 Every import counts: at module level, inside functions and under TYPE_CHECKING alike, since
 each is a dependency a reader must follow. Importing ``a.b`` runs ``a/__init__`` first, but
@@ -35,7 +35,7 @@ LAYERS = [
         ("ppfast.model", "ppfast.nn", "ppfast.recompute", "ppfast.parallel", "ppfast.checkpoint"),
     ),
     ("api", ("ppfast",)),
-    ("tools", ("ppfast.tools", "ppfast.__main__")),
+    ("tools", ("ppfast.tools", "ppfast.testing", "ppfast.__main__")),
 ]
 
 

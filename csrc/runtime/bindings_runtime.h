@@ -96,11 +96,15 @@ inline void register_runtime(pybind11::module_& m) {
           py::arg("timeout"), py::call_guard<py::gil_scoped_release>())
       .def("unlink_names", &ShmTransport::unlink_names);
   py::class_<C10dTransport, Transport, std::shared_ptr<C10dTransport>>(m, "C10dTransport")
-      .def(py::init([](const c10::intrusive_ptr<c10d::ProcessGroup>& group, const std::string& device) {
-             return std::make_shared<C10dTransport>(group, c10::Device(device).type());
+      .def(py::init([](const c10::intrusive_ptr<c10d::ProcessGroup>& group, const std::string& device,
+                       std::shared_ptr<Transport> negotiation) {
+             return std::make_shared<C10dTransport>(group, c10::Device(device).type(),
+                                                    std::move(negotiation));
            }),
-           py::arg("group"), py::arg("device_type"),
-           "Send and receive over a c10d ProcessGroup (its backend for device_type).");
+           py::arg("group"), py::arg("device_type"), py::arg("negotiation") = nullptr,
+           "Send and receive over a c10d ProcessGroup (its backend for device_type). Steps that "
+           "agree shapes go over `negotiation` (a transport whose messages are matched by tag, "
+           "such as one over a gloo group of the same ranks) where it is given.");
   py::class_<Hub, std::shared_ptr<Hub>>(m, "Hub")
       .def(py::init<int>(), py::arg("size"))
       .def_property_readonly("size", &Hub::size)

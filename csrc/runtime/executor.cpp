@@ -164,7 +164,7 @@ void Executor::post_recv(const Part& p) {
     box.meta = at::empty({kMetaLen}, at::TensorOptions().dtype(at::kLong).device(device_));
     std::optional<c10::StreamGuard> on_recv;
     if (streams_) on_recv.emplace(streams_->recv);
-    box.meta_handle = transport_->recv(box.meta, peer, tag(dir, producer, p.mb, 0, true));
+    box.meta_handle = comm().recv(box.meta, peer, tag(dir, producer, p.mb, 0, true));
     return;
   }
   box.buffers = allocate(recv_meta_.at({dir, p.stage}), dir, p.stage);
@@ -172,7 +172,7 @@ void Executor::post_recv(const Part& p) {
   if (streams_) on_recv.emplace(streams_->recv);
   for (size_t i = 0; i < box.buffers.size(); ++i) {
     box.handles.push_back(
-        transport_->recv(box.buffers[i], peer, tag(dir, producer, p.mb, static_cast<int>(i), false)));
+        comm().recv(box.buffers[i], peer, tag(dir, producer, p.mb, static_cast<int>(i), false)));
   }
 }
 
@@ -222,13 +222,13 @@ void Executor::post_send(const Part& p) {
   }
   if (negotiate_) {
     at::Tensor meta = encode_meta(box.tensors).to(device_);
-    box.handles.push_back(transport_->send(meta, peer, tag(dir, p.stage, p.mb, 0, true)));
+    box.handles.push_back(comm().send(meta, peer, tag(dir, p.stage, p.mb, 0, true)));
     box.tensors.push_back(meta);  // kept alive until the send completes
   }
   const size_t n = negotiate_ ? box.tensors.size() - 1 : box.tensors.size();
   for (size_t i = 0; i < n; ++i) {
     box.handles.push_back(
-        transport_->send(box.tensors[i], peer, tag(dir, p.stage, p.mb, static_cast<int>(i), false)));
+        comm().send(box.tensors[i], peer, tag(dir, p.stage, p.mb, static_cast<int>(i), false)));
   }
   outbox_.push_back(std::move(box));
 }
@@ -265,7 +265,7 @@ std::vector<at::Tensor> Executor::take_input(const Part& p, int dir) {
     std::optional<c10::StreamGuard> on_recv;
     if (streams_) on_recv.emplace(streams_->recv);
     for (size_t i = 0; i < box.buffers.size(); ++i) {
-      box.handles.push_back(transport_->recv(
+      box.handles.push_back(comm().recv(
           box.buffers[i], box.peer, tag(dir, producer_stage, p.mb, static_cast<int>(i), false)));
     }
   }
@@ -398,7 +398,7 @@ StepTimes Executor::step() {
       size_t j = i + 1;
       if (is_comm(p.kind)) {
         while (j < parts_.size() && is_comm(parts_[j].kind)) ++j;
-        transport_->begin_group();
+        comm().begin_group();
         for (size_t k = i; k < j; ++k) {
           const Part& q = parts_[k];
           RECORD_USER_SCOPE(ranges_[q.action]);
@@ -410,7 +410,7 @@ StepTimes Executor::step() {
           }
           end_[q.action] = now();
         }
-        transport_->end_group();
+        comm().end_group();
       } else {
         while (j < parts_.size() && parts_[j].action == p.action) ++j;
         run_compute(i, j);

@@ -147,6 +147,8 @@ class Executor {
   at::Tensor encode_meta(const std::vector<at::Tensor>& tensors) const;
   Meta decode_meta(const at::Tensor& t) const;
   std::vector<at::Tensor> allocate(const Meta& meta, int dir, int stage);
+  // The transport of this step: a step that agrees shapes may need one matched by tag.
+  Transport& comm() const { return negotiate_ ? transport_->negotiation() : *transport_; }
 
   int rank_;
   std::vector<int32_t> stage_to_rank_;

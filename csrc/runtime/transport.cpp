@@ -16,31 +16,41 @@ namespace ppfast {
 
 // ---------------------------------------------------------------------------- c10d
 
+// The Work of an operation posted inside a coalesced group. NCCL returns no Work per operation
+// there, only the group's one from endCoalescing, which completes when all of the group's
+// operations have: every handle of the group shares this slot, filled when the group ends.
+struct GroupWork {
+  c10::intrusive_ptr<c10d::Work> work;
+  bool ended = false;
+};
+
 namespace {
 
 class C10dHandle : public Handle {
  public:
   // stream_ordered: the backend runs the operation on a device stream of its own and its wait()
   // orders the current stream after it instead of blocking the host (NCCL).
-  C10dHandle(c10::intrusive_ptr<c10d::Work> work, bool stream_ordered)
-      : work_(std::move(work)), stream_ordered_(stream_ordered) {}
+  C10dHandle(c10::intrusive_ptr<c10d::Work> work, std::shared_ptr<GroupWork> group,
+             bool stream_ordered)
+      : own_(std::move(work)), group_(std::move(group)), stream_ordered_(stream_ordered) {}
 
   void wait(std::chrono::milliseconds timeout) override {
     if (finished_) return;
+    c10d::Work& work = this->work();
     if (stream_ordered_) {
       // The host must know the transfer is over (a sent buffer is about to be freed): poll.
       const auto deadline = std::chrono::steady_clock::now() + timeout;
-      while (!work_->isCompleted()) {
+      while (!work.isCompleted()) {
         if (std::chrono::steady_clock::now() > deadline) throw TransportError("timed out", true);
         std::this_thread::sleep_for(std::chrono::microseconds(20));
       }
-      rethrow_failure();
+      rethrow_failure(work);
       finished_ = true;
       return;
     }
     bool ok = false;
     try {
-      ok = work_->wait(timeout);
+      ok = work.wait(timeout);
     } catch (const std::exception& e) {
       throw as_transport_error(e);
     }
@@ -53,15 +63,30 @@ class C10dHandle : public Handle {
     if (finished_) return;
     c10::StreamGuard guard(stream);
     try {
-      work_->wait();  // the current stream (`stream`) waits for the backend's; the host does not
+      work().wait();  // the current stream (`stream`) waits for the backend's; the host does not
     } catch (const std::exception& e) {
       throw as_transport_error(e);
     }
   }
 
-  bool done() override { return finished_ || work_->isCompleted(); }
+  bool done() override {
+    if (finished_) return true;
+    if (!own_ && !(group_ && group_->work)) return group_ && group_->ended;
+    return work().isCompleted();
+  }
 
  private:
+  c10d::Work& work() {
+    if (own_) return *own_;
+    if (group_ && group_->work) return *group_->work;
+    // endCoalescing gave no work for a group that holds this operation, or it is not over yet
+    throw TransportError(
+        group_ && group_->ended
+            ? "the backend returned no work for a coalesced group holding this operation"
+            : "an operation of a coalesced group was waited on before the group ended",
+        false);
+  }
+
   static TransportError as_transport_error(const std::exception& e) {
     const std::string why = e.what();
     const bool timed_out =
@@ -69,8 +94,8 @@ class C10dHandle : public Handle {
     return TransportError(why, timed_out);
   }
 
-  void rethrow_failure() {
-    std::exception_ptr failure = work_->exception();
+  static void rethrow_failure(c10d::Work& work) {
+    std::exception_ptr failure = work.exception();
     if (!failure) return;
     try {
       std::rethrow_exception(failure);
@@ -79,54 +104,113 @@ class C10dHandle : public Handle {
     }
   }
 
-  c10::intrusive_ptr<c10d::Work> work_;
+  c10::intrusive_ptr<c10d::Work> own_;
+  std::shared_ptr<GroupWork> group_;
   bool stream_ordered_;
   bool finished_ = false;
+};
+
+// A send or receive of a device tensor through a host copy (host_only_ backends). A receive
+// copies the host buffer into the device tensor once it is in, on the stream it is waited for.
+class StagedHandle : public Handle {
+ public:
+  StagedHandle(std::shared_ptr<Handle> inner, at::Tensor device_dst, at::Tensor host)
+      : inner_(std::move(inner)), dst_(std::move(device_dst)), host_(std::move(host)) {}
+
+  void wait(std::chrono::milliseconds timeout) override {
+    inner_->wait(timeout);
+    land();
+  }
+
+  void wait_stream(const c10::Stream& stream, std::chrono::milliseconds timeout) override {
+    inner_->wait(timeout);
+    c10::StreamGuard guard(stream);
+    land();
+  }
+
+  bool done() override { return inner_->done(); }
+
+ private:
+  void land() {
+    if (dst_.defined()) {
+      dst_.copy_(host_);
+      dst_ = at::Tensor();
+    }
+  }
+
+  std::shared_ptr<Handle> inner_;
+  at::Tensor dst_;
+  at::Tensor host_;  // kept until the transfer is over
 };
 
 }  // namespace
 
 C10dTransport::C10dTransport(c10::intrusive_ptr<c10d::ProcessGroup> group,
-                             c10::DeviceType device)
-    : group_(std::move(group)), device_(device) {
-  rank_ = group_->getRank();
-  size_ = group_->getSize();
+                             c10::DeviceType device, std::shared_ptr<Transport> negotiation)
+    : group_pg_(std::move(group)), device_(device), negotiation_(std::move(negotiation)) {
+  rank_ = group_pg_->getRank();
+  size_ = group_pg_->getSize();
   // Talk to the backend directly: ProcessGroup::send goes through the dispatcher on every call.
-  backend_ = group_->getBackend(device_);
-  can_coalesce_ = backend_->getBackendName() == "nccl";
-  stream_ordered_ = backend_->getBackendName() == "nccl";
+  backend_ = group_pg_->getBackend(device_);
+  const std::string name = backend_->getBackendName();
+  // NCCL (and backends with its semantics) coalesce; gloo raises if asked
+  can_coalesce_ = backend_->supportsCoalescing() || name == "nccl";
+  stream_ordered_ = name == "nccl";
+  host_only_ = name == "gloo";
+}
+
+void C10dTransport::abort(const std::string& why) {
+  if (negotiation_) negotiation_->abort(why);
 }
 
 C10dTransport::~C10dTransport() = default;
 
 std::string C10dTransport::name() const { return "c10d:" + backend_->getBackendName(); }
 
-std::shared_ptr<Handle> C10dTransport::send(const at::Tensor& tensor, int peer, int64_t tag) {
+std::shared_ptr<Handle> C10dTransport::post(bool is_send, const at::Tensor& tensor, int peer,
+                                            int64_t tag) {
+  if (host_only_ && !tensor.is_cpu()) {
+    // gloo moves host memory: a device tensor goes through a host copy of itself
+    at::Tensor host = is_send ? tensor.to(at::kCPU) : at::empty_like(tensor, at::device(at::kCPU));
+    auto inner = post(is_send, host, peer, tag);
+    return std::make_shared<StagedHandle>(std::move(inner), is_send ? at::Tensor() : tensor,
+                                          std::move(host));
+  }
   std::vector<at::Tensor> t{tensor};
-  return std::make_shared<C10dHandle>(backend_->send(t, peer, static_cast<int>(tag)),
+  auto work = is_send ? backend_->send(t, peer, static_cast<int>(tag))
+                      : backend_->recv(t, peer, static_cast<int>(tag));
+  if (!work && !group_) {
+    throw TransportError(std::string("the backend returned no work for a ") +
+                             (is_send ? "send to " : "receive from ") + std::to_string(peer) +
+                             " outside a coalesced group",
+                         false);
+  }
+  return std::make_shared<C10dHandle>(std::move(work), group_,
                                       stream_ordered_ && device_has_streams(tensor.device()));
+}
+
+std::shared_ptr<Handle> C10dTransport::send(const at::Tensor& tensor, int peer, int64_t tag) {
+  return post(true, tensor, peer, tag);
 }
 
 std::shared_ptr<Handle> C10dTransport::recv(const at::Tensor& tensor, int peer, int64_t tag) {
-  std::vector<at::Tensor> t{tensor};
-  return std::make_shared<C10dHandle>(backend_->recv(t, peer, static_cast<int>(tag)),
-                                      stream_ordered_ && device_has_streams(tensor.device()));
+  return post(false, tensor, peer, tag);
 }
 
 void C10dTransport::begin_group() {
-  // gloo has no coalescing (and raises if asked); its sends are asynchronous anyway
-  if (can_coalesce_ && !coalescing_) {
+  // gloo has no coalescing (and raises if asked); its operations progress on their own anyway
+  if (can_coalesce_ && !group_) {
     backend_->startCoalescing();
-    coalescing_ = true;
+    group_ = std::make_shared<GroupWork>();
   }
 }
 
 void C10dTransport::end_group() {
-  if (coalescing_) {
-    auto work = backend_->endCoalescing();
-    coalescing_ = false;
-    // the individual handles complete with the group; nothing else to keep
-    (void)work;
+  if (group_) {
+    // the group's one Work: every handle posted in it completes with it
+    group_->work = backend_->endCoalescing();
+    group_->ended = true;
+    group_.reset();
   }
 }
 

@@ -65,13 +65,22 @@ class Transport {
   virtual void end_group() {}
   // Tell peers that this rank gave up, so they fail at once instead of waiting out a timeout.
   virtual void abort(const std::string& why) {}
+  // Where a step that agrees shapes sends its messages. Such a step sends each message's shape
+  // before its data and posts the data's receive only once the shape is in; where messages are
+  // matched by issue order (NCCL), that needs a channel matched by tag instead.
+  virtual Transport& negotiation() { return *this; }
 };
 
 // ---------------------------------------------------------------------------- c10d
 
+struct GroupWork;
+
 class C10dTransport : public Transport {
  public:
-  explicit C10dTransport(c10::intrusive_ptr<c10d::ProcessGroup> group, c10::DeviceType device);
+  // `negotiation`: the transport for steps that agree shapes (see Transport::negotiation);
+  // null: this one. Device tensors on a host-only backend (gloo) are staged through host memory.
+  C10dTransport(c10::intrusive_ptr<c10d::ProcessGroup> group, c10::DeviceType device,
+                std::shared_ptr<Transport> negotiation = nullptr);
   ~C10dTransport() override;
   int rank() const override { return rank_; }
   int size() const override { return size_; }
@@ -80,14 +89,20 @@ class C10dTransport : public Transport {
   std::shared_ptr<Handle> recv(const at::Tensor& tensor, int peer, int64_t tag) override;
   void begin_group() override;
   void end_group() override;
+  void abort(const std::string& why) override;
+  Transport& negotiation() override { return negotiation_ ? *negotiation_ : *this; }
 
  private:
-  c10::intrusive_ptr<c10d::ProcessGroup> group_;
+  std::shared_ptr<Handle> post(bool is_send, const at::Tensor& tensor, int peer, int64_t tag);
+
+  c10::intrusive_ptr<c10d::ProcessGroup> group_pg_;
   c10::intrusive_ptr<c10d::Backend> backend_;
   c10::DeviceType device_;
   int rank_, size_;
-  bool coalescing_ = false;
+  std::shared_ptr<GroupWork> group_;  // the open coalesced group, if any
+  std::shared_ptr<Transport> negotiation_;
   bool can_coalesce_ = false;
+  bool host_only_ = false;  // gloo: device tensors go through host memory
   bool stream_ordered_ = false;  // NCCL: device work on streams of its own
 };
 

@@ -1,4 +1,4 @@
-"""Run a function on N gloo ranks (spawned processes) with a hard timeout, for tests."""
+"""Run a function on N ranks (spawned processes, gloo or nccl_emu) with a hard timeout."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(fn, rank: int, world_size: int, port: int, results, stop, args) -> None:
+def _rank_main(fn, rank: int, world_size: int, port: int, results, stop, args, backend) -> None:
     # Results are pickled here, by value: torch's multiprocessing reductions would hand the
     # parent shared-memory file descriptors, one per tensor, and thousands of them run out.
     try:
@@ -31,10 +31,12 @@ def _rank_main(fn, rank: int, world_size: int, port: int, results, stop, args) -
         import torch.distributed as dist
 
         torch.set_num_threads(1)
+        if backend == "nccl_emu":
+            import ppfast.testing  # noqa: F401  (registers the backend)
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(port)
         dist.init_process_group(
-            "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60)
+            backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=60)
         )
         out = fn(rank, world_size, *args)
         results.put((rank, "ok", pickle.dumps(out)))
@@ -59,8 +61,10 @@ def run_ranks(
     timeout: float = 120.0,
     may_exit: Iterable[int] = (),
     grace: float = 5.0,
+    backend: str = "gloo",
 ) -> list:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return each rank's result.
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks of a ``backend`` group (gloo,
+    or ppfast.testing's nccl_emu); return each rank's result.
 
     ``fn`` must be a module-level function and its arguments and result picklable. Each rank
     runs with one intra-op thread. A rank that raises fails the call with its traceback (the
@@ -77,7 +81,7 @@ def run_ranks(
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(fn, r, world_size, port, results, stop, args),
+            args=(fn, r, world_size, port, results, stop, args, backend),
             name=f"rank{r}",
             daemon=True,
         )

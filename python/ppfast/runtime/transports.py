@@ -22,6 +22,7 @@ import re
 import secrets
 import socket
 import time
+from datetime import timedelta
 
 from .._native import C
 from .collectives import gather_objects, wait
@@ -101,7 +102,7 @@ def transport_for(group, device_type: str, kind: str | None = None, timeout: flo
 
     kind = check_kind(kind)
     if kind == "c10d" or (kind == "auto" and device_type != "cpu"):
-        return C.C10dTransport(group, device_type)
+        return _c10d(group, device_type, timeout)
     if device_type != "cpu":
         raise ValueError(
             f"the shm transport moves CPU tensors; these stages are on {device_type}: use "
@@ -114,14 +115,14 @@ def transport_for(group, device_type: str, kind: str | None = None, timeout: flo
     everyone = gather_objects(here, group, timeout, _setup_error(rank), "choosing the transport")
     hosts = {(h, b) for h, b, _, _ in everyone}
     if kind == "auto" and not all(room for *_, room in everyone):
-        return C.C10dTransport(group, device_type)
+        return _c10d(group, device_type, timeout)
     if len(hosts) > 1:
         if kind == "shm":
             raise ValueError(
                 f"the shm transport needs every rank on one host; this group spans "
                 f"{len(hosts)} ({', '.join(sorted(h for h, _ in hosts))}): use transport='c10d'"
             )
-        return C.C10dTransport(group, device_type)
+        return _c10d(group, device_type, timeout)
     name = everyone[0][2]  # the group's first rank's name
     sweep()
     shm = C.ShmTransport(name, rank, size)
@@ -134,6 +135,24 @@ def transport_for(group, device_type: str, kind: str | None = None, timeout: flo
     finally:
         shm.unlink_names()
     return shm
+
+
+def _c10d(group, device_type: str, timeout: float):
+    """The c10d transport; over a backend that matches messages by issue order (NCCL), steps
+    that agree shapes go over a gloo group of the same ranks (docs/nccl.md)."""
+    import torch
+    import torch.distributed as dist
+
+    backend = group._get_backend(torch.device(device_type))
+    if not backend.supports_coalescing:
+        return C.C10dTransport(group, device_type)
+    side = dist.new_group(
+        dist.get_process_group_ranks(group),
+        timeout=timedelta(seconds=timeout),
+        backend="gloo",
+        use_local_synchronization=True,
+    )
+    return C.C10dTransport(group, device_type, C.C10dTransport(side, "cpu"))
 
 
 def _setup_error(rank: int):
