@@ -44,9 +44,8 @@ def ext_modules():
     cxx += ["-Wall"]
     # the runtime (executor, transports) and the test backends need torch's headers; the
     # program engine does not
-    runtime = sorted(
-        f"csrc/{d}/{p.name}" for d in ("runtime", "testing") for p in (ROOT / "csrc" / d).glob("*.cpp")
-    )
+    torch_parts = [ROOT / "csrc" / d for d in ("runtime", "testing")]
+    runtime = sorted(str(p.relative_to(ROOT)) for d in torch_parts for p in d.glob("*.cpp"))
     sources = core_sources() + runtime + ["csrc/bindings.cpp"]
     kwargs = {"include_dirs": [str(ROOT / "csrc")]}
     if want_cuda():

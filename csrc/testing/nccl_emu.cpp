@@ -27,7 +27,11 @@ std::string describe(const std::exception_ptr& e) {
 
 // ---------------------------------------------------------------------------- EmuWork
 
-EmuWork::EmuWork(c10d::OpType type, std::string what) : Work(-1, type), what_(std::move(what)) {}
+EmuWork::EmuWork(c10d::OpType type, std::string what, std::vector<at::Tensor> result)
+    : Work(-1, type),
+      what_(std::move(what)),
+      result_(std::move(result)),
+      future_(c10::make_intrusive<c10::ivalue::Future>(c10::ListType::ofTensors())) {}
 
 bool EmuWork::isCompleted() {
   std::lock_guard<std::mutex> lock(mutex_);
@@ -63,9 +67,14 @@ void EmuWork::complete(std::exception_ptr failure) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     completed_ = true;
-    exception_ = std::move(failure);
+    exception_ = failure;
   }
   cv_.notify_all();
+  if (failure) {
+    future_->setError(failure);
+  } else {
+    future_->markCompleted(c10::IValue(result_));
+  }
 }
 
 // ---------------------------------------------------------------------------- NcclEmu
@@ -115,8 +124,9 @@ std::exception_ptr NcclEmu::watchdog_error(const std::string& what, const std::s
           " (nccl_emu)"));
 }
 
-WorkPtr NcclEmu::enqueue(c10d::OpType type, std::string what, Post post) {
-  auto work = c10::make_intrusive<EmuWork>(type, what);
+WorkPtr NcclEmu::enqueue(c10d::OpType type, std::string what, Post post,
+                         std::vector<at::Tensor> result) {
+  auto work = c10::make_intrusive<EmuWork>(type, what, std::move(result));
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (broken_) {
@@ -245,19 +255,22 @@ WorkPtr NcclEmu::recv(std::vector<at::Tensor>& tensors, int src, int /* tag: ign
 
 // Each collective runs on the inner backend, in its turn on the emulated stream. Arguments are
 // copied into the item (tensor handles, not data): the caller's vectors may be gone by then.
-#define PPFAST_EMU_COLLECTIVE(TYPE, CALL)                                              \
-  return enqueue(c10d::OpType::TYPE, "OpType=" #TYPE, [inner = inner_, this_args]() mutable { \
-    return std::vector<WorkPtr>{CALL};                                                 \
-  })
+#define PPFAST_EMU_COLLECTIVE_RESULT(TYPE, CALL, RESULT)                                  \
+  return enqueue(                                                                          \
+      c10d::OpType::TYPE, "OpType=" #TYPE,                                                 \
+      [inner = inner_, this_args]() mutable { return std::vector<WorkPtr>{CALL}; }, RESULT)
+#define PPFAST_EMU_COLLECTIVE(TYPE, CALL) PPFAST_EMU_COLLECTIVE_RESULT(TYPE, CALL, {})
 
 WorkPtr NcclEmu::broadcast(std::vector<at::Tensor>& tensors, const c10d::BroadcastOptions& opts) {
   auto this_args = std::make_tuple(tensors, opts);
-  PPFAST_EMU_COLLECTIVE(BROADCAST, inner->broadcast(std::get<0>(this_args), std::get<1>(this_args)));
+  PPFAST_EMU_COLLECTIVE_RESULT(
+      BROADCAST, inner->broadcast(std::get<0>(this_args), std::get<1>(this_args)), tensors);
 }
 
 WorkPtr NcclEmu::allreduce(std::vector<at::Tensor>& tensors, const c10d::AllreduceOptions& opts) {
   auto this_args = std::make_tuple(tensors, opts);
-  PPFAST_EMU_COLLECTIVE(ALLREDUCE, inner->allreduce(std::get<0>(this_args), std::get<1>(this_args)));
+  PPFAST_EMU_COLLECTIVE_RESULT(
+      ALLREDUCE, inner->allreduce(std::get<0>(this_args), std::get<1>(this_args)), tensors);
 }
 
 WorkPtr NcclEmu::allreduce_coalesced(std::vector<at::Tensor>& tensors,
@@ -361,5 +374,6 @@ WorkPtr NcclEmu::barrier(const c10d::BarrierOptions& opts) {
 }
 
 #undef PPFAST_EMU_COLLECTIVE
+#undef PPFAST_EMU_COLLECTIVE_RESULT
 
 }  // namespace ppfast::testing

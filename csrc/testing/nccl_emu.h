@@ -22,6 +22,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/ivalue.h>
 
 #include <chrono>
 #include <condition_variable>
@@ -41,18 +42,23 @@ namespace ppfast::testing {
 // The one Work of an item on the emulated stream; complete when every inner operation is.
 class EmuWork : public c10d::Work {
  public:
-  EmuWork(c10d::OpType type, std::string what);
+  // `result`: what the operation's future holds once it completes (a collective's output
+  // tensors, as NCCL's future does; DDP's reducer reads it)
+  EmuWork(c10d::OpType type, std::string what, std::vector<at::Tensor> result = {});
   bool isCompleted() override;
   bool isSuccess() const override;
   std::exception_ptr exception() const override;
   // Blocks the host until the item completed (a CPU tensor has no stream to order instead);
   // throws DistBackendError when it failed, or when `timeout` runs out first.
   bool wait(std::chrono::milliseconds timeout = kNoTimeout) override;
+  c10::intrusive_ptr<c10::ivalue::Future> getFuture() override { return future_; }
   void complete(std::exception_ptr failure);
   const std::string& what() const { return what_; }
 
  private:
   std::string what_;
+  std::vector<at::Tensor> result_;
+  c10::intrusive_ptr<c10::ivalue::Future> future_;
 };
 
 class NcclEmu : public c10d::Backend {
@@ -127,7 +133,8 @@ class NcclEmu : public c10d::Backend {
     c10::intrusive_ptr<EmuWork> work;
   };
 
-  c10::intrusive_ptr<c10d::Work> enqueue(c10d::OpType type, std::string what, Post post);
+  c10::intrusive_ptr<c10d::Work> enqueue(c10d::OpType type, std::string what, Post post,
+                                         std::vector<at::Tensor> result = {});
   c10::intrusive_ptr<c10d::Work> p2p(bool is_send, std::vector<at::Tensor>& tensors, int peer);
   void run();
   std::exception_ptr watchdog_error(const std::string& what, const std::string& why) const;

@@ -23,7 +23,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(fn, rank: int, world_size: int, port: int, results, stop, args, backend) -> None:
+def _rank_main(fn, rank, world_size, port, results, stop, args, backend, env) -> None:
     # Results are pickled here, by value: torch's multiprocessing reductions would hand the
     # parent shared-memory file descriptors, one per tensor, and thousands of them run out.
     try:
@@ -31,6 +31,7 @@ def _rank_main(fn, rank: int, world_size: int, port: int, results, stop, args, b
         import torch.distributed as dist
 
         torch.set_num_threads(1)
+        os.environ.update(env)
         if backend == "nccl_emu":
             import ppfast.testing  # noqa: F401  (registers the backend)
         os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -62,9 +63,10 @@ def run_ranks(
     may_exit: Iterable[int] = (),
     grace: float = 5.0,
     backend: str = "gloo",
+    env: dict[str, str] | None = None,
 ) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks of a ``backend`` group (gloo,
-    or ppfast.testing's nccl_emu); return each rank's result.
+    or ppfast.testing's nccl_emu), with ``env`` set in each rank; return each rank's result.
 
     ``fn`` must be a module-level function and its arguments and result picklable. Each rank
     runs with one intra-op thread. A rank that raises fails the call with its traceback (the
@@ -81,7 +83,7 @@ def run_ranks(
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(fn, r, world_size, port, results, stop, args, backend),
+            args=(fn, r, world_size, port, results, stop, args, backend, env or {}),
             name=f"rank{r}",
             daemon=True,
         )

@@ -245,10 +245,12 @@ def reference() -> dict:
 def group_run():
     """Each mesh's results, run once on first use; a failure is kept and raised again."""
 
-    def build(dp: int) -> list:
+    def build(dp: int, backend: str = "gloo") -> list:
         todo = PP_DP if dp > 1 else PP_ONLY
+        # nccl_emu: the pipeline's c10d transport and the DP reductions with NCCL's semantics
+        env = {"PPFAST_TRANSPORT": "c10d"} if backend == "nccl_emu" else {}
         # generous: four ranks on what may be two busy cores
-        return run_ranks(run_group, 2 * dp, dp, todo, timeout=240.0)
+        return run_ranks(run_group, 2 * dp, dp, todo, timeout=240.0, backend=backend, env=env)
 
     return run_once(build)
 
@@ -337,3 +339,9 @@ def test_mesh_needs_an_initialized_job(monkeypatch):
     monkeypatch.setitem(os.environ, "WORLD_SIZE", "8")
     with pytest.raises(ValueError, match="pp=2 x dp=3 = 6 ranks, but the job has 8"):
         ppfast.parallel.pipeline_mesh(pp=2, dp=3)
+
+
+@pytest.mark.parametrize(("schedule", "variant"), PP_DP)
+def test_pp2_dp2_over_nccl_emu(group_run, schedule, variant):
+    """The same on nccl_emu: pipeline and data-parallel groups with NCCL's semantics."""
+    check(group_run(2, "nccl_emu"), (schedule, variant), dp=2)

@@ -283,10 +283,12 @@ def train_all(rank: int, p: int, todo: list) -> dict:
 
 @pytest.fixture(scope="module")
 def group_run():
-    def build(p: int) -> dict:
+    def build(p: int, backend: str = "gloo") -> dict:
         todo = configs(p)
+        # nccl_emu: the c10d transport (and the tie sums) over NCCL's semantics
+        env = {"PPFAST_TRANSPORT": "c10d"} if backend == "nccl_emu" else {}
         # generous: p = 4 puts four ranks on what may be two busy cores
-        per_rank = run_ranks(train_all, p, todo, timeout=240.0)
+        per_rank = run_ranks(train_all, p, todo, timeout=240.0, backend=backend, env=env)
         got = {"refused": [r["refused"] for r in per_rank]}
         for cfg in todo:
             n = 2 * p if cfg[0] in CHUNKED else p
@@ -307,4 +309,13 @@ def test_mismatched_tie_is_refused_on_every_rank_before_compute(group_run, p):
 def test_tied_split_backward_matches_one_device(group_run, p, schedule, variant):
     n = 2 * p if schedule in CHUNKED else p
     got = group_run(p)[(schedule, variant, 2 * p)]
+    assert_matches(got, reference(n, 2 * p), RTOL, ATOL, outputs=False)
+
+
+@pytest.mark.parametrize(("schedule", "variant"), [c[:2] for c in configs(2)])
+def test_tied_split_backward_over_nccl_emu(group_run, schedule, variant):
+    """The same at p = 2 through the c10d transport on nccl_emu (NCCL's matching)."""
+    p = 2
+    n = 2 * p if schedule in CHUNKED else p
+    got = group_run(p, "nccl_emu")[(schedule, variant, 2 * p)]
     assert_matches(got, reference(n, 2 * p), RTOL, ATOL, outputs=False)

@@ -3,10 +3,10 @@
 ``script`` below is what a torch user writes: stages with ``PipelineStage``, a schedule from
 ``get_schedule_class(name)(stage(s), n_microbatches=..., loss_fn=...)``, two steps of
 ``step(x / target=y, losses=...)`` with an optimizer, then ``eval`` for validation. It runs
-on 2 gloo ranks once with torch.distributed.pipelining and once with ppfast, for every
-schedule both have; losses, outputs, gradients and parameters after the steps, and the eval
-pass must agree (fp32, rtol 1e-5). Where torch's own eval fails (torch 2.13, V-placed
-schedules), only ppfast's runs;
+on 2 gloo ranks (and again on 2 nccl_emu ranks) once with torch.distributed.pipelining and
+once with ppfast, for every schedule both have; losses, outputs, gradients and parameters
+after the steps, and the eval pass must agree (fp32, rtol 1e-5). Where torch's own eval
+fails (torch 2.13, V-placed schedules), only ppfast's runs;
 tests/test_pipe.py and test_equivalence.py check every schedule's eval against one device.
 """
 
@@ -87,11 +87,24 @@ def both(rank: int, world: int) -> dict:
 
 
 _runs = run_once(lambda: run_ranks(both, 2, timeout=240))
+# nccl_emu: NCCL's matching without tags, groups completing as one; ppfast over c10d
+_nccl_runs = run_once(
+    lambda: run_ranks(both, 2, timeout=240, backend="nccl_emu", env={"PPFAST_TRANSPORT": "c10d"})
+)
 
 
 @pytest.mark.parametrize("name", list(SCHEDULES))
 def test_same_script_same_training(name):
-    per_rank = _runs()
+    _check_same(_runs(), name)
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_same_script_same_training_on_nccl_emu(name):
+    """torch's schedules and ppfast's both run on NCCL's semantics (torch 2.13, p = 2)."""
+    _check_same(_nccl_runs(), name)
+
+
+def _check_same(per_rank: list, name: str) -> None:
     for rank, results in enumerate(per_rank):
         want, got = results[("torch", name)], results[("ppfast", name)]
         for k in ("losses", "outputs", "grads", "params"):
