@@ -222,3 +222,23 @@ def test_fuzz_every_corruption_is_rejected_with_rank_and_action():
         hows[how] = hows.get(how, 0) + 1
     assert set(hows) == {"drop", "duplicate", "reorder", "cut_send"}
     assert not is_valid(bad)
+
+
+def out_of_order():
+    """GPipe on 2 ranks, lowered, with rank 0 sending microbatch 1's activation before
+    microbatch 0's while rank 1 receives 0 first: sound where messages carry tags."""
+    lowered = lower(Program.from_text("rank 0: 0F0 0F1 0B0 0B1\nrank 1: 1F0 1F1 1B0 1B1"))
+    return with_rank(lowered, 0, "0F0 0F1 0SEND_F1 0SEND_F0 0RECV_B0 0B0 0RECV_B1 0B1")
+
+
+def test_a_pair_posting_out_of_order_is_refused_where_matching_is_by_order():
+    prog = out_of_order()
+    check_structure(prog)
+    dry_run(prog)  # every message has its peer and nothing waits forever
+    assert validate(prog, matching="tag") is prog
+    with pytest.raises(ProgramError, match=r"rank 1, action 1RECV_F0 \(#0\): receives") as e:
+        validate(prog)  # matching="order" by default: NCCL would pair 1RECV_F0 with 0SEND_F1
+    assert e.value.rank == 1
+    assert "rank 0 sends the activation of stage 0 for microbatch 1" in str(e.value)
+    with pytest.raises(ValueError, match="matching must be one of"):
+        validate(prog, matching="tags")

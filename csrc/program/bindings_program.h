@@ -68,12 +68,12 @@ inline py::dict run_program_py(const std::vector<int32_t>& stage_to_rank, int32_
 }
 
 inline py::object check_structure_py(const std::vector<int32_t>& stage_to_rank, int32_t num_mb,
-                              const std::vector<std::vector<int32_t>>& ranks) {
+                              const std::vector<std::vector<int32_t>>& ranks, bool pair_order) {
   auto view = make_view(stage_to_rank, num_mb, ranks);
   ppfast::Fault f;
   {
     py::gil_scoped_release nogil;
-    f = ppfast::check_structure(view);
+    f = pair_order ? ppfast::check_pair_order(view) : ppfast::check_structure(view);
   }
   if (f.ok) return py::none();
   return py::make_tuple(f.rank, f.action, f.label, f.reason);
@@ -124,8 +124,10 @@ inline void register_program(pybind11::module_& m) {
         "Walk a program: strict=True is the validator's dry run (blocking receives, rendezvous "
         "sends, coalesced groups); strict=False times it with the given costs.");
   m.def("check_structure", &check_structure_py, py::arg("stage_to_rank"), py::arg("num_mb"),
-        py::arg("ranks"),
-        "None if the program is well formed, else (rank, action index, label, reason).");
+        py::arg("ranks"), py::arg("pair_order") = false,
+        "None if the program is well formed, else (rank, action index, label, reason). With "
+        "pair_order: instead, does every receiver post a pair's messages in the sender's order "
+        "(matching without tags, as NCCL does)?");
   m.def("lower_program", &lower_program_py, py::arg("stage_to_rank"), py::arg("num_mb"),
         py::arg("ranks"), py::arg("cost"),
         "Insert SEND/RECV; returns (encoded, sources, comms, timing), each per rank.");

@@ -106,6 +106,12 @@ struct Fault {
 // communication, every cross-rank hand-off has exactly one send and one receive.
 Fault check_structure(const ProgramView& program);
 
+// Matching without tags (NCCL): between every ordered pair of ranks, the receiver posts its
+// receives in the order the sender posts its sends. A structurally sound lowered program that
+// breaks this runs where messages are matched by tag and mis-pairs where they are matched by
+// order; the fault names the receiving rank, its receive and the peer.
+Fault check_pair_order(const ProgramView& program);
+
 // Lowering: per rank, the new action list as [kind, stage, mb, source] quadruples, where
 // source is the index of the original (compute) action, or -1 for an inserted SEND/RECV.
 // Sends follow the compute that produces them; a receive goes before the first action of its

@@ -195,4 +195,57 @@ std::vector<std::vector<int32_t>> lower_program(const ProgramView& p, const Cost
   return out;
 }
 
+
+Fault check_pair_order(const ProgramView& p) {
+  // A message is (direction, producing stage, microbatch); per ordered pair, the sender's
+  // list in send order and the receiver's in receive order, each with the action posting it.
+  struct Msg {
+    int dir, producer, mb, action;
+    Part part;
+  };
+  const int R = p.num_ranks();
+  std::vector<std::vector<Msg>> sent(static_cast<size_t>(R) * R), got(sent.size());
+  for (int r = 0; r < R; ++r) {
+    for (const Part& q : p.ranks[r]) {
+      if (!is_comm(q.kind)) continue;
+      const bool fwd = q.kind == kSendF || q.kind == kRecvF;
+      const bool send = q.kind == kSendF || q.kind == kSendB;
+      // the stage on the other end, and the stage that produced the message
+      const int other = q.stage + (q.kind == kSendF || q.kind == kRecvB ? 1 : -1);
+      if (other < 0 || other >= p.num_stages) continue;  // check_structure's to report
+      const int peer = p.stage_to_rank[other];
+      const int producer = send ? q.stage : other;
+      Msg m{fwd ? 0 : 1, producer, q.mb, q.action, q};
+      if (send) {
+        sent[static_cast<size_t>(r) * R + peer].push_back(m);
+      } else {
+        got[static_cast<size_t>(peer) * R + r].push_back(m);
+      }
+    }
+  }
+  auto text = [](const Msg& m) {
+    return std::string(m.dir == 0 ? "the activation of stage " : "the gradient from stage ") +
+           std::to_string(m.producer) + " for microbatch " + std::to_string(m.mb);
+  };
+  for (int src = 0; src < R; ++src) {
+    for (int dst = 0; dst < R; ++dst) {
+      const auto& s = sent[static_cast<size_t>(src) * R + dst];
+      const auto& g = got[static_cast<size_t>(src) * R + dst];
+      for (size_t k = 0; k < std::min(s.size(), g.size()); ++k) {
+        if (s[k].dir == g[k].dir && s[k].producer == g[k].producer && s[k].mb == g[k].mb) continue;
+        return Fault{false, dst, g[k].action,
+                     part_name(g[k].part) + " (#" + std::to_string(g[k].action) + ")",
+                     "receives " + text(g[k]) + " as message " + std::to_string(k + 1) +
+                         " from rank " + std::to_string(src) + ", but rank " +
+                         std::to_string(src) + " sends " + text(s[k]) + " as its message " +
+                         std::to_string(k + 1) + " to rank " + std::to_string(dst) + " (" +
+                         part_name(s[k].part) + ", #" + std::to_string(s[k].action) +
+                         "); where messages are matched by order, not tag (NCCL), the two "
+                         "would pair up: post a pair's sends and receives in one order"};
+      }
+    }
+  }
+  return Fault{};
+}
+
 }  // namespace ppfast

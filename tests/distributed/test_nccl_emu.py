@@ -153,3 +153,43 @@ def _fails(rank: int, size: int) -> None:
 def test_a_failing_rank_is_reported():
     with pytest.raises(RanksFailed, match="on purpose"):
         run_ranks(_fails, 2, backend="nccl_emu", timeout=60)
+
+
+def _out_of_order(rank: int, size: int, program_text: str) -> dict:
+    """Train one step with a program whose rank 0 sends microbatch 1 before microbatch 0."""
+    from toy_models import batch, build_blocks, loss_fn_of, split_stages
+
+    import ppfast
+
+    rows = [[ppfast.parse_action(t) for t in line.split()] for line in program_text.split("|")]
+    program = ppfast.Program(rows, (0, 1), 2)
+    chains = split_stages(build_blocks("mlp", 2), 2)
+    stage = ppfast.PipelineStage(chains[rank], rank, 2, "cpu")
+    sched = ppfast.PipelineSchedule(
+        stage, 2, loss_fn_of("mlp"), program=program, transport="c10d", timeout=20
+    )
+    inputs, target = batch("mlp", 2, 0)
+    losses: list = []
+    try:
+        sched.step(*(inputs if rank == 0 else ()), target=target if rank == 1 else None,
+                   losses=losses)  # fmt: skip
+    except ValueError as e:
+        return {"refused": str(e)}
+    return {"losses": [float(x) for x in losses]}
+
+
+OUT_OF_ORDER = (
+    "0F0 0F1 0SEND_F1 0SEND_F0 0RECV_B0 0B0 0RECV_B1 0B1"
+    "|1RECV_F0 1F0 1RECV_F1 1F1 1B0 1SEND_B0 1B1 1SEND_B1"
+)
+IN_ORDER = OUT_OF_ORDER.replace("0SEND_F1 0SEND_F0", "0SEND_F0 0SEND_F1")
+
+
+def test_a_program_only_order_matching_breaks_runs_on_gloo_and_is_refused_on_nccl_emu():
+    gloo = run_ranks(_out_of_order, 2, OUT_OF_ORDER, timeout=60)
+    good = run_ranks(_out_of_order, 2, IN_ORDER, timeout=60)
+    assert gloo[1]["losses"] == good[1]["losses"] and len(good[1]["losses"]) == 2
+    emu = run_ranks(_out_of_order, 2, OUT_OF_ORDER, backend="nccl_emu", timeout=60)
+    for got in emu:  # every rank refuses it before anything is sent
+        assert "rank 1, action 1RECV_F0 (#0)" in got["refused"], got
+        assert "matched by order" in got["refused"]

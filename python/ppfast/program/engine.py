@@ -91,12 +91,16 @@ def run(
     return res
 
 
-def check_structure(program: Program, encoded: list[list[int]] | None = None):
-    """None, or the first fault as (rank, action index, label, reason)."""
+def check_structure(
+    program: Program, encoded: list[list[int]] | None = None, pair_order: bool = False
+):
+    """None, or the first fault as (rank, action index, label, reason); with ``pair_order``
+    the fault is a pair of ranks whose messages would pair up wrongly without tags."""
     return C.check_structure(
         list(program.stage_to_rank),
         program.num_microbatches,
         encoded if encoded is not None else encode(program),
+        pair_order,
     )
 
 

@@ -19,13 +19,22 @@ def check_structure(program: Program, encoded: list[list[int]] | None = None) ->
         raise fail(rank, label, reason)
 
 
-def validate(program: Program, *, lower: bool = True) -> Program:
+MATCHING = ("order", "tag")
+
+
+def validate(program: Program, *, lower: bool = True, matching: str = "order") -> Program:
     """Check ``program`` before anything is sent; raise ProgramError naming rank, action, reason.
 
     A compute-only program is checked, then (with ``lower``) lowered and dry-run as well.
-    Returns the lowered program that passed the dry run (or ``program`` itself when it was
-    already lowered, or when ``lower`` is False).
+    ``matching`` is how the transport pairs a send with its receive: ``"order"`` (NCCL: the
+    k-th message between two ranks meets the k-th receive; the default, which holds
+    everywhere) also checks that every pair of ranks posts its messages in one order;
+    ``"tag"`` (gloo, shared memory, in-process) does not need that. Returns the lowered program
+    that passed the dry run (or ``program`` itself when it was already lowered, or when
+    ``lower`` is False).
     """
+    if matching not in MATCHING:
+        raise ValueError(f"matching must be one of {MATCHING}, got {matching!r}")
     encoded = _engine.encode(program)
     check_structure(program, encoded)
     if not program.is_lowered:
@@ -39,6 +48,11 @@ def validate(program: Program, *, lower: bool = True) -> Program:
         # lowering walks the compute-only program first and reports where it would hang
         program, encoded = lower_encoded(program, encoded=encoded)
         check_structure(program, encoded)
+    if matching == "order":
+        fault = _engine.check_structure(program, encoded, pair_order=True)
+        if fault is not None:
+            rank, _, label, reason = fault
+            raise fail(rank, label, reason)
     dry_run(program, encoded)
     return program
 
