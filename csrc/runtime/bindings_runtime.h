@@ -2,6 +2,7 @@
 #pragma once
 
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/csrc/distributed/c10d/Store.hpp>
 #include <torch/extension.h>
 
 #include "runtime/executor.h"
@@ -82,7 +83,8 @@ inline void register_runtime(pybind11::module_& m) {
            py::call_guard<py::gil_scoped_release>())
       .def("recv", &Transport::recv, py::arg("tensor"), py::arg("peer"), py::arg("tag"),
            py::call_guard<py::gil_scoped_release>())
-      .def("abort", &Transport::abort, py::arg("why"));
+      .def("abort", &Transport::abort, py::arg("why"), py::call_guard<py::gil_scoped_release>(),
+           "Give up: pending operations fail, and peers are told where the transport can.");
   py::class_<ShmTransport, Transport, std::shared_ptr<ShmTransport>>(m, "ShmTransport")
       .def(py::init<const std::string&, int, int>(), py::arg("name"), py::arg("rank"),
            py::arg("size"),
@@ -97,14 +99,19 @@ inline void register_runtime(pybind11::module_& m) {
       .def("unlink_names", &ShmTransport::unlink_names);
   py::class_<C10dTransport, Transport, std::shared_ptr<C10dTransport>>(m, "C10dTransport")
       .def(py::init([](const c10::intrusive_ptr<c10d::ProcessGroup>& group, const std::string& device,
-                       std::shared_ptr<Transport> negotiation) {
+                       std::shared_ptr<Transport> negotiation,
+                       c10::intrusive_ptr<c10d::Store> store, const std::string& abort_key) {
              return std::make_shared<C10dTransport>(group, c10::Device(device).type(),
-                                                    std::move(negotiation));
+                                                    std::move(negotiation), std::move(store),
+                                                    abort_key);
            }),
            py::arg("group"), py::arg("device_type"), py::arg("negotiation") = nullptr,
+           py::arg("store") = nullptr, py::arg("abort_key") = "",
            "Send and receive over a c10d ProcessGroup (its backend for device_type). Steps that "
            "agree shapes go over `negotiation` (a transport whose messages are matched by tag, "
-           "such as one over a gloo group of the same ranks) where it is given.");
+           "such as one over a gloo group of the same ranks) where it is given. With a `store`, abort() "
+           "leaves a notice at `abort_key` that fails every other rank's pending operations at "
+           "once.");
   py::class_<Hub, std::shared_ptr<Hub>>(m, "Hub")
       .def(py::init<int>(), py::arg("size"))
       .def_property_readonly("size", &Hub::size)

@@ -1,6 +1,7 @@
 // Transports: c10d process groups and the in-process hub. See transport.h.
 #include "runtime/transport.h"
 
+#include <algorithm>
 #include <atomic>
 #include <thread>
 
@@ -10,6 +11,7 @@
 
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/csrc/distributed/c10d/Store.hpp>
 #include <torch/csrc/distributed/c10d/Work.hpp>
 
 namespace ppfast {
@@ -24,23 +26,40 @@ struct GroupWork {
   bool ended = false;
 };
 
-namespace {
+// Why this transport gave up, once it has: set by abort() or by the watcher that saw another
+// rank's notice in the store.
+struct AbortState {
+  std::atomic<bool> set{false};
+  std::mutex mutex;
+  std::string why;
+
+  void raise_if_set() {
+    if (!set.load()) return;
+    std::lock_guard<std::mutex> lock(mutex);
+    throw TransportError(why, false);
+  }
+};
 
 class C10dHandle : public Handle {
  public:
   // stream_ordered: the backend runs the operation on a device stream of its own and its wait()
   // orders the current stream after it instead of blocking the host (NCCL).
   C10dHandle(c10::intrusive_ptr<c10d::Work> work, std::shared_ptr<GroupWork> group,
-             bool stream_ordered)
-      : own_(std::move(work)), group_(std::move(group)), stream_ordered_(stream_ordered) {}
+             bool stream_ordered, std::shared_ptr<AbortState> abort)
+      : own_(std::move(work)),
+        group_(std::move(group)),
+        stream_ordered_(stream_ordered),
+        abort_(std::move(abort)) {}
 
   void wait(std::chrono::milliseconds timeout) override {
     if (finished_) return;
+    abort_->raise_if_set();
     c10d::Work& work = this->work();
     if (stream_ordered_) {
       // The host must know the transfer is over (a sent buffer is about to be freed): poll.
       const auto deadline = std::chrono::steady_clock::now() + timeout;
       while (!work.isCompleted()) {
+        abort_->raise_if_set();
         if (std::chrono::steady_clock::now() > deadline) throw TransportError("timed out", true);
         std::this_thread::sleep_for(std::chrono::microseconds(20));
       }
@@ -52,10 +71,25 @@ class C10dHandle : public Handle {
     try {
       ok = work.wait(timeout);
     } catch (const std::exception& e) {
+      abort_->raise_if_set();  // woken by an abort: say why, not what the backend saw
       throw as_transport_error(e);
     }
-    if (!ok) throw TransportError("timed out", true);
+    if (!ok) {
+      abort_->raise_if_set();
+      throw TransportError("timed out", true);
+    }
     finished_ = true;
+  }
+
+  // Wake a thread blocked in wait(): the backend's abort of this one operation.
+  void cancel() {
+    if (finished_) return;
+    c10d::Work* w = own_ ? own_.get() : (group_ && group_->work ? group_->work.get() : nullptr);
+    if (w == nullptr) return;
+    try {
+      w->abort();
+    } catch (const std::exception&) {
+    }
   }
 
   void wait_stream(const c10::Stream& stream, std::chrono::milliseconds timeout) override {
@@ -107,8 +141,11 @@ class C10dHandle : public Handle {
   c10::intrusive_ptr<c10d::Work> own_;
   std::shared_ptr<GroupWork> group_;
   bool stream_ordered_;
-  bool finished_ = false;
+  std::shared_ptr<AbortState> abort_;
+  std::atomic<bool> finished_{false};
 };
+
+namespace {
 
 // A send or receive of a device tensor through a host copy (host_only_ backends). A receive
 // copies the host buffer into the device tensor once it is in, on the stream it is waited for.
@@ -146,8 +183,14 @@ class StagedHandle : public Handle {
 }  // namespace
 
 C10dTransport::C10dTransport(c10::intrusive_ptr<c10d::ProcessGroup> group,
-                             c10::DeviceType device, std::shared_ptr<Transport> negotiation)
-    : group_pg_(std::move(group)), device_(device), negotiation_(std::move(negotiation)) {
+                             c10::DeviceType device, std::shared_ptr<Transport> negotiation,
+                             c10::intrusive_ptr<c10d::Store> store, std::string abort_key)
+    : group_pg_(std::move(group)),
+      device_(device),
+      negotiation_(std::move(negotiation)),
+      store_(std::move(store)),
+      abort_key_(std::move(abort_key)),
+      abort_(std::make_shared<AbortState>()) {
   rank_ = group_pg_->getRank();
   size_ = group_pg_->getSize();
   // Talk to the backend directly: ProcessGroup::send goes through the dispatcher on every call.
@@ -157,13 +200,75 @@ C10dTransport::C10dTransport(c10::intrusive_ptr<c10d::ProcessGroup> group,
   can_coalesce_ = backend_->supportsCoalescing() || name == "nccl";
   stream_ordered_ = name == "nccl";
   host_only_ = name == "gloo";
+  if (store_ && !abort_key_.empty()) watcher_ = std::thread([this] { watch(); });
+}
+
+C10dTransport::~C10dTransport() {
+  {
+    std::lock_guard<std::mutex> lock(abort_->mutex);
+    stopping_ = true;
+  }
+  if (watcher_.joinable()) watcher_.join();
 }
 
 void C10dTransport::abort(const std::string& why) {
-  if (negotiation_) negotiation_->abort(why);
+  if (store_ && !abort_key_.empty()) {
+    try {
+      const std::string text = "rank " + std::to_string(rank_) + " gave up: " + why;
+      // the first notice stays: peers are told why this rank gave up first, not what failed
+      // after it (compareSet with nothing expected sets only a key that does not exist)
+      store_->compareSet(abort_key_, {}, std::vector<uint8_t>(text.begin(), text.end()));
+    } catch (const std::exception&) {
+      // the store is gone with the job: peers learn from the connections instead
+    }
+  }
+  fail_pending("this rank gave up: " + why);
 }
 
-C10dTransport::~C10dTransport() = default;
+void C10dTransport::watch() {
+  while (true) {
+    for (int i = 0; i < 5; ++i) {  // 50 ms between looks, 10 ms between checks to stop
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      std::lock_guard<std::mutex> lock(abort_->mutex);
+      if (stopping_ || abort_->set.load()) return;
+    }
+    try {
+      if (!store_->check({abort_key_})) continue;
+      auto bytes = store_->get(abort_key_);
+      fail_pending(std::string(bytes.begin(), bytes.end()));
+    } catch (const std::exception&) {
+      // the store went away (the job ends): nothing to watch any more
+    }
+    return;
+  }
+}
+
+void C10dTransport::fail_pending(const std::string& why) {
+  {
+    std::lock_guard<std::mutex> lock(abort_->mutex);
+    if (abort_->set.load()) return;
+    abort_->why = why;
+    abort_->set.store(true);
+  }
+  // Wake every wait: a backend with its own communicator state (NCCL) aborts as a whole, and
+  // each of gloo's pending operations is aborted one by one.
+  if (can_coalesce_) {
+    try {
+      backend_->abort();
+    } catch (const std::exception&) {
+    }
+  }
+  std::vector<std::shared_ptr<C10dHandle>> live;
+  {
+    std::lock_guard<std::mutex> lock(live_mutex_);
+    for (auto& w : live_) {
+      if (auto h = w.lock()) live.push_back(std::move(h));
+    }
+  }
+  for (auto& h : live) h->cancel();
+  // the channel of steps that agree shapes has waits of its own
+  if (negotiation_) negotiation_->abort(why);
+}
 
 std::string C10dTransport::name() const { return "c10d:" + backend_->getBackendName(); }
 
@@ -185,8 +290,17 @@ std::shared_ptr<Handle> C10dTransport::post(bool is_send, const at::Tensor& tens
                              " outside a coalesced group",
                          false);
   }
-  return std::make_shared<C10dHandle>(std::move(work), group_,
-                                      stream_ordered_ && device_has_streams(tensor.device()));
+  auto handle = std::make_shared<C10dHandle>(
+      std::move(work), group_, stream_ordered_ && device_has_streams(tensor.device()), abort_);
+  {
+    std::lock_guard<std::mutex> lock(live_mutex_);
+    // forget operations that are over, so the list stays as short as what is in flight
+    live_.erase(std::remove_if(live_.begin(), live_.end(),
+                               [](const std::weak_ptr<C10dHandle>& w) { return w.expired(); }),
+                live_.end());
+    live_.push_back(handle);
+  }
+  return handle;
 }
 
 std::shared_ptr<Handle> C10dTransport::send(const at::Tensor& tensor, int peer, int64_t tag) {

@@ -17,12 +17,14 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
 namespace c10d {
 class Backend;
 class ProcessGroup;
+class Store;
 class Work;
 }  // namespace c10d
 
@@ -74,13 +76,19 @@ class Transport {
 // ---------------------------------------------------------------------------- c10d
 
 struct GroupWork;
+struct AbortState;
+class C10dHandle;
 
 class C10dTransport : public Transport {
  public:
   // `negotiation`: the transport for steps that agree shapes (see Transport::negotiation);
   // null: this one. Device tensors on a host-only backend (gloo) are staged through host memory.
+  // `store` and `abort_key`: where a rank that gives up says so (abort); a thread polls the
+  // key and, when another rank has set it, fails this rank's pending operations at once, so
+  // that a stalled or failed peer is noticed in well under a second, not at the timeout.
   C10dTransport(c10::intrusive_ptr<c10d::ProcessGroup> group, c10::DeviceType device,
-                std::shared_ptr<Transport> negotiation = nullptr);
+                std::shared_ptr<Transport> negotiation = nullptr,
+                c10::intrusive_ptr<c10d::Store> store = {}, std::string abort_key = "");
   ~C10dTransport() override;
   int rank() const override { return rank_; }
   int size() const override { return size_; }
@@ -103,6 +111,16 @@ class C10dTransport : public Transport {
   std::shared_ptr<Transport> negotiation_;
   bool can_coalesce_ = false;
   bool host_only_ = false;  // gloo: device tensors go through host memory
+  // giving up: this rank's or another's, seen through the store
+  void watch();
+  void fail_pending(const std::string& why);
+  c10::intrusive_ptr<c10d::Store> store_;
+  std::string abort_key_;
+  std::shared_ptr<AbortState> abort_;
+  std::mutex live_mutex_;
+  std::vector<std::weak_ptr<C10dHandle>> live_;  // operations that may still be pending
+  std::thread watcher_;
+  bool stopping_ = false;  // guarded by abort_->mutex
   bool stream_ordered_ = false;  // NCCL: device work on streams of its own
 };
 

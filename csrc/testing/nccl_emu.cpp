@@ -66,6 +66,7 @@ bool EmuWork::wait(std::chrono::milliseconds timeout) {
 void EmuWork::complete(std::exception_ptr failure) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
+    if (completed_) return;
     completed_ = true;
     exception_ = failure;
   }
@@ -99,6 +100,8 @@ void NcclEmu::shutdown() {
 
 void NcclEmu::abort() {
   std::deque<Item> dropped;
+  std::vector<WorkPtr> inflight;
+  c10::intrusive_ptr<EmuWork> running;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (!broken_) {
@@ -107,11 +110,18 @@ void NcclEmu::abort() {
           "NCCL communicator was aborted on rank " + std::to_string(rank_) + " (nccl_emu)"));
     }
     dropped.swap(queue_);
+    inflight = inflight_;
+    running = running_;
   }
+  // NCCL's abort fails what is pending at once, the operation on the stream included
+  if (running) running->complete(broken_);
   for (auto& item : dropped) item.work->complete(broken_);
-  try {
-    inner_->abort();  // wakes an item the progress thread is waiting for, where gloo can
-  } catch (...) {
+  // wake the progress thread from the item it waits for: gloo aborts each operation
+  for (auto& w : inflight) {
+    try {
+      w->abort();
+    } catch (...) {
+    }
   }
 }
 
@@ -148,6 +158,7 @@ void NcclEmu::run() {
       if (queue_.empty()) return;  // stopping, nothing left
       item = std::move(queue_.front());
       queue_.pop_front();
+      running_ = item.work;
       ++seq_;
     }
     // Post every operation of the item at once (a group progresses together), then wait for
@@ -155,6 +166,16 @@ void NcclEmu::run() {
     std::exception_ptr failure;
     try {
       std::vector<WorkPtr> inner = item.post();
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        inflight_ = inner;
+        if (broken_) {
+          // aborted while posting: what was posted is aborted here, the rest never waited
+          for (auto& w : inner) {
+            if (w) w->abort();
+          }
+        }
+      }
       const auto deadline = std::chrono::steady_clock::now() + timeout_;
       for (auto& w : inner) {
         if (!w) continue;
@@ -171,6 +192,12 @@ void NcclEmu::run() {
       }
     } catch (const std::exception& e) {
       failure = watchdog_error(item.work->what(), e.what());
+    }
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      inflight_.clear();
+      running_.reset();
+      if (!failure && broken_) failure = broken_;  // aborted while it ran
     }
     if (failure) {
       // NCCL's communicator is unusable after an error: everything queued fails with it

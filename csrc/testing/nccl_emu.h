@@ -52,6 +52,7 @@ class EmuWork : public c10d::Work {
   // throws DistBackendError when it failed, or when `timeout` runs out first.
   bool wait(std::chrono::milliseconds timeout = kNoTimeout) override;
   c10::intrusive_ptr<c10::ivalue::Future> getFuture() override { return future_; }
+  // The first call completes it; later ones (an abort got there first) change nothing.
   void complete(std::exception_ptr failure);
   const std::string& what() const { return what_; }
 
@@ -144,6 +145,8 @@ class NcclEmu : public c10d::Backend {
   std::mutex mutex_;
   std::condition_variable cv_;
   std::deque<Item> queue_;
+  std::vector<c10::intrusive_ptr<c10d::Work>> inflight_;  // the running item's inner operations
+  c10::intrusive_ptr<EmuWork> running_;                     // the running item's Work
   std::exception_ptr broken_;  // set once an item failed: the communicator is unusable
   bool stopping_ = false;
   uint64_t seq_ = 0;

@@ -56,6 +56,7 @@ class RankRunner:
         matching = "tag" if name in TAG_MATCHED else "order"
         self.program = validate(program, matching=matching)
         self.rank = rank
+        self.transport = transport
         acts = self.program.ranks[rank]
         self.names = [format_action(a) for a in acts]
         self._compute = compute
@@ -71,6 +72,11 @@ class RankRunner:
             dynamic_shapes,
         )
         self.last: dict | None = None
+
+    def abort(self, why: str) -> None:
+        """Give up, from any thread: this rank's waits fail, and so do its peers' (at once over
+        shared memory, in-process, and c10d with a store; else when their wait times out)."""
+        self.transport.abort(why)
 
     def set_timeout(self, seconds: float) -> None:
         self._executor.set_timeout_ms(int(seconds * 1000))

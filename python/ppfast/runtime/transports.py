@@ -143,16 +143,31 @@ def _c10d(group, device_type: str, timeout: float):
     import torch
     import torch.distributed as dist
 
+    store, key = _abort_notice(group)
     backend = group._get_backend(torch.device(device_type))
     if not backend.supports_coalescing:
-        return C.C10dTransport(group, device_type)
+        return C.C10dTransport(group, device_type, None, store, key)
     side = dist.new_group(
         dist.get_process_group_ranks(group),
         timeout=timedelta(seconds=timeout),
         backend="gloo",
         use_local_synchronization=True,
     )
-    return C.C10dTransport(group, device_type, C.C10dTransport(side, "cpu"))
+    return C.C10dTransport(group, device_type, C.C10dTransport(side, "cpu"), store, key)
+
+
+def _abort_notice(group):
+    """The group's store, and a key of its own for this transport: a rank that gives up
+    writes there and every other rank's transport, watching it, fails at once. Ranks build
+    their transports over one group in the same order, so counting them names them alike."""
+    import torch.distributed as dist
+
+    store = dist.distributed_c10d._world.pg_map.get(group, (None, None))[1]
+    if store is None:
+        return None, ""
+    name = group.group_name
+    count = store.add(f"ppfast/transports/{name}/{dist.get_rank(group)}", 1)
+    return store, f"ppfast/abort/{name}/{count}"
 
 
 def _setup_error(rank: int):

@@ -92,6 +92,7 @@ class PipelineSchedule:
         )
         self._tie_group = tie_group
         self._hooks: list[extensions.StepHooks] = []
+        self._rank_transport = None
         self._runner: RankRunner | None = None
         self._eval_runner: RankRunner | None = None
         self._first_shapes: list | None = None
@@ -181,6 +182,13 @@ class PipelineSchedule:
         import torch.distributed as dist
 
         return self.stages[0].group or dist.group.WORLD
+
+    def abort(self, why: str = "aborted by the caller") -> None:
+        """Give up the step in flight, from any thread (a watchdog that sees this rank stall):
+        this rank's waits fail, and every other rank raises PipelineCommError naming this one
+        at once rather than at its timeout. The schedule cannot step again afterwards."""
+        if self._rank_transport is not None:
+            self._rank_transport.abort(why)
 
     @property
     def program(self) -> Program | None:
