@@ -143,11 +143,13 @@ std::vector<at::Tensor> Executor::allocate(const Meta& meta, int dir, int stage)
     if (streams_ && out.free) out.free->block(streams_->recv);
     return std::move(out.tensors);
   }
-  // New buffers belong to the compute stream, which reads them (see device_streams.h).
+  // New buffers belong to the compute stream, which reads them (see device_streams.h). Their
+  // memory may have served compute work still queued there: the receive into them waits.
   std::vector<at::Tensor> out;
   for (const auto& [dtype, shape] : meta.tensors) {
     out.push_back(at::empty(shape, at::TensorOptions().dtype(dtype).device(device_)));
   }
+  if (streams_) mark(streams_->compute)->block(streams_->recv);
   return out;
 }
 
@@ -163,7 +165,10 @@ void Executor::post_recv(const Part& p) {
   if (negotiate_) {
     box.meta = at::empty({kMetaLen}, at::TensorOptions().dtype(at::kLong).device(device_));
     std::optional<c10::StreamGuard> on_recv;
-    if (streams_) on_recv.emplace(streams_->recv);
+    if (streams_) {
+      mark(streams_->compute)->block(streams_->recv);  // a fresh buffer, as in allocate()
+      on_recv.emplace(streams_->recv);
+    }
     box.meta_handle = comm().recv(box.meta, peer, tag(dir, producer, p.mb, 0, true));
     return;
   }
@@ -258,7 +263,13 @@ std::vector<at::Tensor> Executor::take_input(const Part& p, int dir) {
   if (box.meta_handle) {
     wait_handle(*box.meta_handle, p.action, box.peer, what + " (its shape)");
     box.meta_handle.reset();
-    Meta meta = decode_meta(box.meta);
+    Meta meta;
+    {
+      // reading the shapes back to the host waits for the receive stream, not for compute
+      std::optional<c10::StreamGuard> on_recv;
+      if (streams_) on_recv.emplace(streams_->recv);
+      meta = decode_meta(box.meta);
+    }
     if (!options_.dynamic_shapes) recv_meta_[{dir, p.stage}] = meta;
     box.buffers = allocate(meta, dir, p.stage);
     const int producer_stage = producer;
