@@ -81,3 +81,31 @@ def test_cuda_helpers_report_a_build_without_cuda():
         pytest.skip("built with CUDA; tests/ for CUDA cover the helpers")
     with pytest.raises(RuntimeError, match="built without CUDA"):
         C.comm_streams(0)
+
+
+def _setup_helpers() -> dict:
+    """setup.py's functions, without running setup()."""
+    path = Path(__file__).resolve().parents[1] / "setup.py"
+    code = path.read_text().split("modules, cmdclass = ext_modules()")[0]
+    ns = {"__file__": str(path), "__name__": "setup_helpers"}
+    exec(compile(code, str(path), "exec"), ns)
+    return ns
+
+
+def test_the_cuda_build_looks_for_every_header_torch_needs(tmp_path, monkeypatch):
+    import site
+
+    # only the toolkit below: not the nvidia-* wheels a CUDA torch may have beside it
+    monkeypatch.setattr(site, "getsitepackages", lambda: [])
+    monkeypatch.setattr(site, "getusersitepackages", lambda: str(tmp_path / "none"))
+    find = _setup_helpers()["cuda_include_dirs"]
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "cuda.h").write_text("")
+    (tmp_path / "include" / "cuda_runtime_api.h").write_text("")
+    dirs, missing = find(str(tmp_path))
+    assert str(tmp_path / "include") in dirs
+    # a toolkit with nvcc and the runtime but not the libraries' headers torch includes
+    assert {"cublas_v2.h", "cusparse.h", "cusolverDn.h"} <= set(missing)
+    for h in ("cublas_v2.h", "cusparse.h", "cusolverDn.h"):
+        (tmp_path / "include" / h).write_text("")
+    assert find(str(tmp_path))[1] == []
