@@ -13,8 +13,9 @@ cd "$ROOT"
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 export MAX_JOBS=${MAX_JOBS:-2}
 # ruff is pinned because its lint rules and formatting change between releases.
+# transformers is optional for ppfast; the tests build Hugging Face models from configs with it.
 DEPS=(setuptools wheel ninja numpy pytest pytest-timeout "ruff==0.17.6" matplotlib pybind11
-      cmake "triton>=3.6")
+      cmake "triton>=3.6" "transformers>=5")
 
 step() { printf '\n==> %s (%ds)\n' "$*" "$SECONDS"; }
 

@@ -1,7 +1,17 @@
 """Fixtures shared by the test files."""
 
+import os
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+# `python -m pytest` puts the checkout's root first on sys.path, where kernels/ (installed as
+# ppfast.kernels) would stand for the PyPI package `kernels` that transformers looks for.
+# Nothing imports from the root: ppfast is installed (editable) with its kernels.
+_ROOT = str(Path(__file__).resolve().parents[1])
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _ROOT]
 
 
 @pytest.fixture(scope="module")

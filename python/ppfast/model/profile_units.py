@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..nn.linear import Linear
+from ..nn.linear import SplitLayer
 from ..training.stage import PipelineStage
 
 Times = tuple[float, float, float]  # (F, I, W) seconds of one microbatch
@@ -144,7 +144,7 @@ def _state_kept(modules: Sequence[nn.Module], args: tuple) -> Iterator[None]:
     mains = [getattr(p, "main_grad", None) for p in params]
     kept = [b.detach().clone() for b in buffers]
     stores = [
-        (m, m.weight_store) for mod in modules for m in mod.modules() if isinstance(m, Linear)
+        (m, m.weight_store) for mod in modules for m in mod.modules() if isinstance(m, SplitLayer)
     ]
     gpus = sorted({d.index or 0 for d in _devices(modules, args) if d.type == "cuda"})
     for p, main in zip(params, mains, strict=True):

@@ -2,6 +2,7 @@
 half (W), which zero-bubble schedules move into the pipeline's idle time."""
 
 from ..training.weight_store import WeightGradStore
-from .linear import Linear, convert
+from .convert import convert, register_linear
+from .linear import Linear, SplitLayer
 
-__all__ = ["Linear", "WeightGradStore", "convert"]
+__all__ = ["Linear", "SplitLayer", "WeightGradStore", "convert", "register_linear"]

@@ -1,4 +1,5 @@
-"""ppfast.nn.Linear: torch.nn.Linear whose weight gradients can wait for the schedule's W."""
+"""Split layers: ppfast.nn.Linear and any linear-like layer whose weight gradients can wait for
+the schedule's W."""
 
 from __future__ import annotations
 
@@ -25,10 +26,17 @@ def _grad_buffer(param: torch.Tensor, router: HookRouter | None = None) -> torch
 
 
 def weight_grad_work(
-    x: torch.Tensor, dy: torch.Tensor, weight, bias, router: HookRouter | None = None
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    weight,
+    bias,
+    router: HookRouter | None = None,
+    transposed: bool = False,
 ) -> None:
     """dW += dYᵀX and db += Σ dY over all leading dimensions, in one pass over dY, summed in
-    fp32 (ppfast.kernels.weight_grad: Triton on a GPU, accumulate-in-place torch ops on CPU)."""
+    fp32 (ppfast.kernels.weight_grad: Triton on a GPU, accumulate-in-place torch ops on CPU).
+    ``transposed``: the weight is stored (in, out), as transformers' Conv1D stores it; the
+    kernel then writes through a transposed view of its gradient (it takes any strides)."""
     # imported on first use: Triton is heavy to import and settles its mode when it is
     from ppfast.kernels.weight_grad import weight_grad
 
@@ -39,7 +47,9 @@ def weight_grad_work(
     has_db = bias is not None and bias.requires_grad
     if weight.requires_grad:
         db = _grad_buffer(bias, router) if has_db else None
-        weight_grad(x, dy, _grad_buffer(weight, router), db, accumulate=True, backend=backend)
+        dw = _grad_buffer(weight, router)
+        dw = dw.t() if transposed else dw
+        weight_grad(x, dy, dw, db, accumulate=True, backend=backend)
     elif has_db:
         _grad_buffer(bias, router).add_(dy.reshape(-1, dy.shape[-1]).sum(0, dtype=torch.float32))
 
@@ -65,7 +75,8 @@ class _SplitLinear(torch.autograd.Function):
             # main_grad/.grad, or, for parameters with hooks, into the step's sum that goes
             # through autograd after the stage's last W.
             router = store.routing
-            store.put(layer.label, lambda: weight_grad_work(x, dy, layer.weight, bias, router))
+            t = layer.transposed_weight
+            store.put(layer.label, lambda: weight_grad_work(x, dy, layer.weight, bias, router, t))
             return dx, None, None, None, None
         if not store.deferring:
             # the store used outside a schedule's step, without W: autograd accumulates now
@@ -74,18 +85,22 @@ class _SplitLinear(torch.autograd.Function):
             dw = dy2.t().mm(x2.to(dy2.dtype)) if ctx.needs_input_grad[1] else None
             db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
             return dx, dw, db, None, None
-        store.put(layer.label, lambda: weight_grad_work(x, dy, layer.weight, bias))
+        t = layer.transposed_weight
+        store.put(layer.label, lambda: weight_grad_work(x, dy, layer.weight, bias, None, t))
         return dx, None, None, None, None
 
 
-class Linear(nn.Linear):
-    """Drop-in for ``torch.nn.Linear`` (same constructor, parameters and state_dict).
+class SplitLayer:
+    """What makes a layer's backward split: mixed into a linear-like layer class (before it),
+    whose ``weight`` (and optional ``bias``) the forward uses as ``x @ Wᵀ + b``, or as
+    ``x @ W + b`` where ``transposed_weight`` says the weight is stored (in, out).
 
     Its backward computes the input gradient at once. Inside a pipeline stage whose schedule
     splits the backward, the weight-gradient work (dW += dYᵀX, db += ΣdY) waits in the stage's
     :class:`WeightGradStore` for the W action; elsewhere (plain training, a schedule without W)
-    it runs in the same backward, as nn.Linear's does. A parameter with a ``main_grad``
-    attribute (an fp32 buffer) receives deferred gradients there instead of in ``.grad``.
+    it runs in the same backward, as the original layer's does. A parameter with a
+    ``main_grad`` attribute (an fp32 buffer) receives deferred gradients there instead of in
+    ``.grad``.
 
     Hooks on a parameter (``register_hook``, ``register_post_accumulate_grad_hook``, hooks on
     its AccumulateGrad node such as DDP's) fire once per step in a split schedule, after the
@@ -95,6 +110,7 @@ class Linear(nn.Linear):
 
     weight_store: WeightGradStore | None = None
     label: str = "Linear"
+    transposed_weight: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         store = self.weight_store
@@ -109,6 +125,8 @@ class Linear(nn.Linear):
             weight = weight.detach().requires_grad_(weight.requires_grad)
             if bias is not None:
                 bias = bias.detach().requires_grad_(bias.requires_grad)
+        if self.transposed_weight:
+            weight = weight.t()  # a view: the math is x @ W + b, the gradient W's
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight = x.to(dtype), weight.to(dtype)
@@ -118,21 +136,9 @@ class Linear(nn.Linear):
         return _SplitLinear.apply(x, weight, bias, self, in_step)
 
 
-def convert(module: nn.Module, exclude=()) -> nn.Module:
-    """Turn every ``torch.nn.Linear`` in ``module`` into :class:`Linear`, in place.
-
-    Parameters, device, dtype, hooks and state_dict keys are kept (the layer's class changes,
-    nothing is copied). ``exclude`` names layers (qualified names as in ``named_modules``) or
-    gives a predicate ``(name, layer) -> bool`` for layers to leave alone. Subclasses of
-    nn.Linear that are used through their weights rather than their forward (such as
-    MultiheadAttention's ``out_proj``) are left alone. Returns ``module``.
-    """
-    skip = exclude if callable(exclude) else (lambda name, _m, names=set(exclude): name in names)
-    for name, m in module.named_modules():
-        if type(m) is nn.Linear and not skip(name, m):
-            m.__class__ = Linear
-            m.label = f"Linear {name}" if name else "Linear"
-    return module
+class Linear(SplitLayer, nn.Linear):
+    """Drop-in for ``torch.nn.Linear`` (same constructor, parameters and state_dict) whose
+    backward splits into I and W (see :class:`SplitLayer`)."""
 
 
 def attach_store(module: nn.Module, store: WeightGradStore) -> int:
@@ -144,7 +150,7 @@ def _attach(module: nn.Module, store: WeightGradStore) -> list[nn.Parameter]:
     """The stage's part of the split layers: each gets the store; their parameters come back."""
     params: list[nn.Parameter] = []
     for m in module.modules():
-        if isinstance(m, Linear):
+        if isinstance(m, SplitLayer):
             m.weight_store = store
             params += [p for p in (m.weight, m.bias) if p is not None]
     return params
