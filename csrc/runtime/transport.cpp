@@ -26,18 +26,28 @@ struct GroupWork {
   bool ended = false;
 };
 
-// Why this transport gave up, once it has: set by abort() or by the watcher that saw another
-// rank's notice in the store.
+// Why this transport gave up, once it has (abort(), or the watcher that saw another rank's
+// notice), and what must fail then. Shared by the transport, its handles and its watcher
+// thread, so that the transport may go while the watcher still runs: the watcher can be the
+// last owner of a pending operation, whose destruction may need the GIL that the thread
+// destroying the transport holds, so the transport never waits for it.
 struct AbortState {
   std::atomic<bool> set{false};
   std::mutex mutex;
   std::string why;
+  bool stopping = false;  // the transport is gone: the watcher ends
+  std::mutex live_mutex;
+  std::vector<std::weak_ptr<C10dHandle>> live;  // operations that may still be pending
+  c10::intrusive_ptr<c10d::Backend> backend;    // aborted as a whole where it coalesces (NCCL)
+  std::shared_ptr<Transport> negotiation;       // the tag-matched channel beside it, if any
 
   void raise_if_set() {
     if (!set.load()) return;
     std::lock_guard<std::mutex> lock(mutex);
     throw TransportError(why, false);
   }
+
+  void fail_pending(const std::string& reason);
 };
 
 class C10dHandle : public Handle {
@@ -182,6 +192,30 @@ class StagedHandle : public Handle {
 
 }  // namespace
 
+namespace {
+
+// Every 50 ms: has another rank left a notice? Then fail what is pending here.
+void watch(std::shared_ptr<AbortState> state, c10::intrusive_ptr<c10d::Store> store,
+           std::string key) {
+  while (true) {
+    for (int i = 0; i < 5; ++i) {  // 10 ms between checks for the end
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      std::lock_guard<std::mutex> lock(state->mutex);
+      if (state->stopping || state->set.load()) return;
+    }
+    try {
+      if (!store->check({key})) continue;
+      auto bytes = store->get(key);
+      state->fail_pending(std::string(bytes.begin(), bytes.end()));
+    } catch (const std::exception&) {
+      // the store went away (the job ends): nothing to watch any more
+    }
+    return;
+  }
+}
+
+}  // namespace
+
 C10dTransport::C10dTransport(c10::intrusive_ptr<c10d::ProcessGroup> group,
                              c10::DeviceType device, std::shared_ptr<Transport> negotiation,
                              c10::intrusive_ptr<c10d::Store> store, std::string abort_key)
@@ -200,15 +234,18 @@ C10dTransport::C10dTransport(c10::intrusive_ptr<c10d::ProcessGroup> group,
   can_coalesce_ = backend_->supportsCoalescing() || name == "nccl";
   stream_ordered_ = name == "nccl";
   host_only_ = name == "gloo";
-  if (store_ && !abort_key_.empty()) watcher_ = std::thread([this] { watch(); });
+  if (can_coalesce_) abort_->backend = backend_;
+  abort_->negotiation = negotiation_;
+  if (store_ && !abort_key_.empty()) watcher_ = std::thread(watch, abort_, store_, abort_key_);
 }
 
 C10dTransport::~C10dTransport() {
   {
     std::lock_guard<std::mutex> lock(abort_->mutex);
-    stopping_ = true;
+    abort_->stopping = true;
   }
-  if (watcher_.joinable()) watcher_.join();
+  // never joined: see AbortState
+  if (watcher_.joinable()) watcher_.detach();
 }
 
 void C10dTransport::abort(const std::string& why) {
@@ -222,52 +259,35 @@ void C10dTransport::abort(const std::string& why) {
       // the store is gone with the job: peers learn from the connections instead
     }
   }
-  fail_pending("this rank gave up: " + why);
+  abort_->fail_pending("this rank gave up: " + why);
 }
 
-void C10dTransport::watch() {
-  while (true) {
-    for (int i = 0; i < 5; ++i) {  // 50 ms between looks, 10 ms between checks to stop
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-      std::lock_guard<std::mutex> lock(abort_->mutex);
-      if (stopping_ || abort_->set.load()) return;
-    }
-    try {
-      if (!store_->check({abort_key_})) continue;
-      auto bytes = store_->get(abort_key_);
-      fail_pending(std::string(bytes.begin(), bytes.end()));
-    } catch (const std::exception&) {
-      // the store went away (the job ends): nothing to watch any more
-    }
-    return;
-  }
-}
 
-void C10dTransport::fail_pending(const std::string& why) {
+void AbortState::fail_pending(const std::string& reason) {
   {
-    std::lock_guard<std::mutex> lock(abort_->mutex);
-    if (abort_->set.load()) return;
-    abort_->why = why;
-    abort_->set.store(true);
+    std::lock_guard<std::mutex> lock(mutex);
+    if (set.load()) return;
+    why = reason;
+    set.store(true);
   }
   // Wake every wait: a backend with its own communicator state (NCCL) aborts as a whole, and
   // each of gloo's pending operations is aborted one by one.
-  if (can_coalesce_) {
+  if (backend) {
     try {
-      backend_->abort();
+      backend->abort();
     } catch (const std::exception&) {
     }
   }
-  std::vector<std::shared_ptr<C10dHandle>> live;
+  std::vector<std::shared_ptr<C10dHandle>> pending;
   {
-    std::lock_guard<std::mutex> lock(live_mutex_);
-    for (auto& w : live_) {
-      if (auto h = w.lock()) live.push_back(std::move(h));
+    std::lock_guard<std::mutex> lock(live_mutex);
+    for (auto& w : live) {
+      if (auto h = w.lock()) pending.push_back(std::move(h));
     }
   }
-  for (auto& h : live) h->cancel();
+  for (auto& h : pending) h->cancel();
   // the channel of steps that agree shapes has waits of its own
-  if (negotiation_) negotiation_->abort(why);
+  if (negotiation) negotiation->abort(reason);
 }
 
 std::string C10dTransport::name() const { return "c10d:" + backend_->getBackendName(); }
@@ -293,12 +313,13 @@ std::shared_ptr<Handle> C10dTransport::post(bool is_send, const at::Tensor& tens
   auto handle = std::make_shared<C10dHandle>(
       std::move(work), group_, stream_ordered_ && device_has_streams(tensor.device()), abort_);
   {
-    std::lock_guard<std::mutex> lock(live_mutex_);
+    std::lock_guard<std::mutex> lock(abort_->live_mutex);
+    auto& live = abort_->live;
     // forget operations that are over, so the list stays as short as what is in flight
-    live_.erase(std::remove_if(live_.begin(), live_.end(),
-                               [](const std::weak_ptr<C10dHandle>& w) { return w.expired(); }),
-                live_.end());
-    live_.push_back(handle);
+    live.erase(std::remove_if(live.begin(), live.end(),
+                              [](const std::weak_ptr<C10dHandle>& w) { return w.expired(); }),
+               live.end());
+    live.push_back(handle);
   }
   return handle;
 }

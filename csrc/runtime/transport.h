@@ -111,16 +111,11 @@ class C10dTransport : public Transport {
   std::shared_ptr<Transport> negotiation_;
   bool can_coalesce_ = false;
   bool host_only_ = false;  // gloo: device tensors go through host memory
-  // giving up: this rank's or another's, seen through the store
-  void watch();
-  void fail_pending(const std::string& why);
+  // giving up: this rank's or another's, seen through the store by a watcher thread
   c10::intrusive_ptr<c10d::Store> store_;
   std::string abort_key_;
   std::shared_ptr<AbortState> abort_;
-  std::mutex live_mutex_;
-  std::vector<std::weak_ptr<C10dHandle>> live_;  // operations that may still be pending
   std::thread watcher_;
-  bool stopping_ = false;  // guarded by abort_->mutex
   bool stream_ordered_ = false;  // NCCL: device work on streams of its own
 };
 
