@@ -1,7 +1,6 @@
-// Python bindings of ppfast._C: the program engine, the runtime and (when built) CUDA.
+// Python bindings of ppfast._C: the program engine, the runtime and the test backends.
 #include <torch/extension.h>
 
-#include "cuda/bindings.h"
 #include "program/bindings_program.h"
 #include "runtime/bindings_runtime.h"
 #include "testing/bindings_testing.h"
@@ -11,5 +10,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   ppfast::register_program(m);
   ppfast::register_runtime(m);
   ppfast::testing::register_testing(m);
-  ppfast::cuda::register_cuda(m);
 }

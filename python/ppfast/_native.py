@@ -10,6 +10,6 @@ except ImportError as e:  # pragma: no cover - exercised by the install check in
     raise ImportError(
         "ppfast's native module ppfast._C is not built. From the ppfast source folder run\n"
         "    pip install --no-build-isolation -e .\n"
-        "(this needs torch, ninja and a C++20 compiler; set PPFAST_CUDA=0 to skip the CUDA "
-        f"parts). Import error was: {e}"
+        "(this needs torch's headers, ninja and a C++20 compiler; no CUDA toolkit: one build "
+        f"serves CPU and CUDA). Import error was: {e}"
     ) from e
