@@ -84,3 +84,21 @@ def test_pipe_on_one_gpu_matches_one_device(schedule, convert):
     for metrics in pipe.last_metrics:
         assert metrics.actions and all(s <= e for _, s, e in metrics.actions)
         assert 0.0 <= metrics.bubble < 1.0
+
+
+def test_device_metrics_are_read_lazily_and_only_for_recent_steps():
+    # The step does not wait for the device at its end: its metrics do, when first read. The
+    # executor records into two sets of events, so a step's metrics last until two more steps.
+    stages = [torch.nn.Sequential(b) for b in build_blocks("transformer", 2)]
+    pipe = ppfast.Pipe(stages, ["cuda"] * 2, chunks=4, schedule="1f1b", loss_fn=mse_loss)
+    kept = []
+    for k in range(3):
+        (x,), y = batch("transformer", 4, k)
+        pipe.step(x.cuda(), target=y.cuda())
+        kept.append(pipe.last_metrics)
+    for metrics in kept[1]:  # one step old: still there
+        assert type(metrics).__name__ == "DeferredStepMetrics"
+        assert metrics.wall > 0 and all(s <= e for _, s, e in metrics.actions)
+    for metrics in kept[0]:  # recorded over by the third step
+        with pytest.raises(RuntimeError, match="recorded over by later steps"):
+            _ = metrics.wall

@@ -50,6 +50,18 @@ class PyCompute : public Compute {
   at::Device device_{at::kCPU};
 };
 
+inline pybind11::dict step_dict(const StepTimes& t) {
+  pybind11::dict out;
+  out["start"] = t.start;
+  out["end"] = t.end;
+  out["comm"] = t.comm;
+  out["wall"] = t.wall;
+  out["epoch"] = t.epoch;
+  out["index"] = t.index;
+  out["on_device"] = t.on_device;
+  return out;
+}
+
 inline void register_runtime(pybind11::module_& m) {
   namespace py = pybind11;
   static py::exception<CommError> comm_error(m, "CommError", PyExc_RuntimeError);
@@ -145,15 +157,22 @@ inline void register_runtime(pybind11::module_& m) {
               py::gil_scoped_release nogil;
               t = ex.step();
             }
-            py::dict out;
-            out["start"] = t.start;
-            out["end"] = t.end;
-            out["comm"] = t.comm;
-            out["wall"] = t.wall;
-            out["epoch"] = t.epoch;
-            return out;
+            return step_dict(t);
           },
-          "Run the program once; returns per-action start/end, comm post/complete times, wall.")
+          "Run the program once; returns per-action start/end, comm post/complete times, wall, "
+          "the step's index, and on_device: whether device_times(index) holds the device's times.")
+      .def(
+          "device_times",
+          [](Executor& ex, int64_t index) {
+            StepTimes t;
+            {
+              py::gil_scoped_release nogil;
+              t = ex.device_times(index);
+            }
+            return step_dict(t);
+          },
+          py::arg("index"),
+          "Step `index`'s compute actions and wall time as the device ran them (waits for it).")
       .def("set_timeout_ms", &Executor::set_timeout_ms)
       .def_property_readonly("rank", &Executor::rank);
 }

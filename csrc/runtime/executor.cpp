@@ -149,7 +149,7 @@ std::vector<at::Tensor> Executor::allocate(const Meta& meta, int dir, int stage)
   for (const auto& [dtype, shape] : meta.tensors) {
     out.push_back(at::empty(shape, at::TensorOptions().dtype(dtype).device(device_)));
   }
-  if (streams_) mark(streams_->compute)->block(streams_->recv);
+  if (streams_) events_.mark(streams_->compute)->block(streams_->recv);
   return out;
 }
 
@@ -166,7 +166,7 @@ void Executor::post_recv(const Part& p) {
     box.meta = at::empty({kMetaLen}, at::TensorOptions().dtype(at::kLong).device(device_));
     std::optional<c10::StreamGuard> on_recv;
     if (streams_) {
-      mark(streams_->compute)->block(streams_->recv);  // a fresh buffer, as in allocate()
+      events_.mark(streams_->compute)->block(streams_->recv);  // a fresh buffer, as in allocate()
       on_recv.emplace(streams_->recv);
     }
     box.meta_handle = comm().recv(box.meta, peer, tag(dir, producer, p.mb, 0, true));
@@ -222,7 +222,7 @@ void Executor::post_send(const Part& p) {
   std::optional<c10::StreamGuard> on_send;
   if (streams_) {
     // the send starts once the compute that produced the tensors has, not after later compute
-    mark(streams_->compute)->block(streams_->send);
+    events_.mark(streams_->compute)->block(streams_->send);
     on_send.emplace(streams_->send);
   }
   if (negotiate_) {
@@ -296,7 +296,7 @@ void Executor::release_inputs(int stage, int mb) {
     if (it == held_.end()) continue;
     if (!options_.dynamic_shapes) {
       pool_[{dir, stage}].push_back(
-          Pooled{std::move(it->second), streams_ ? mark(streams_->compute) : nullptr});
+          Pooled{std::move(it->second), streams_ ? events_.mark(streams_->compute) : nullptr});
     }
     held_.erase(it);
   }
@@ -342,7 +342,11 @@ void Executor::run_compute(size_t begin, size_t end) {
 
 void Executor::mark_time(bool start, int action) {
   (start ? start_ : end_)[action] = now();
-  if (streams_) (start ? start_ev_ : end_ev_)[action] = mark(streams_->compute, true);
+  if (streams_) {
+    StepEvents& ev = *timing_[(steps_ - 1) % 2];
+    (start ? ev.start : ev.end)[action].record(streams_->compute);
+    (start ? ev.started : ev.ended)[action] = 1;
+  }
 }
 
 void Executor::finish_outbox(Outbox& box, bool block) {
@@ -396,11 +400,15 @@ StepTimes Executor::step() {
   start_.assign(num_actions_, std::nan(""));
   end_.assign(num_actions_, std::nan(""));
   t0_ = std::chrono::steady_clock::now();
+  const int64_t index = steps_++;
   if (streams_) {
     streams_->compute = current_stream(device_);  // the user's stream of this step
-    origin_ = mark(streams_->compute, true);
-    start_ev_.assign(num_actions_, nullptr);
-    end_ev_.assign(num_actions_, nullptr);
+    auto& ev = timing_[index % 2];
+    if (!ev) ev = std::make_unique<StepEvents>(device_.type(), num_actions_);
+    ev->step = index;
+    std::fill(ev->started.begin(), ev->started.end(), 0);
+    std::fill(ev->ended.begin(), ev->ended.end(), 0);
+    ev->origin.record(streams_->compute);
   }
   try {
     size_t i = 0;
@@ -444,25 +452,44 @@ StepTimes Executor::step() {
     throw;
   }
   negotiate_ = options_.dynamic_shapes;
-  if (streams_) {
-    // Compute actions ran when the device ran them: event times, as seconds from the step's
-    // start like the host times (the origin event marks the host's start on the device).
-    origin_->synchronize();
-    for (bool start : {true, false}) {
-      for (int a = 0; a < num_actions_; ++a) {
-        const auto& ev = (start ? start_ev_ : end_ev_)[a];
-        if (!ev) continue;
-        ev->synchronize();
-        (start ? start_ : end_)[a] = origin_->elapsedTime(*ev) / 1000.0;
-      }
-    }
-  }
+  // No host synchronisation here: on a device the step may still be running, and its times are
+  // read only if someone asks (device_times).
+  if (streams_) timing_[index % 2]->done.record(streams_->compute);
   StepTimes out;
   out.start = start_;
   out.end = end_;
   out.comm = comm_;
   out.wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
   out.epoch = std::chrono::duration<double>(t0_.time_since_epoch()).count();
+  out.index = index;
+  out.on_device = streams_ != nullptr;
+  return out;
+}
+
+StepTimes Executor::device_times(int64_t index) {
+  StepTimes out;
+  out.index = index;
+  out.on_device = true;
+  if (!streams_) throw std::logic_error("device_times: this executor runs on the host");
+  StepEvents* ev = nullptr;
+  for (auto& set : timing_) {
+    if (set && set->step == index) ev = set.get();
+  }
+  if (!ev) {
+    throw std::runtime_error("rank " + std::to_string(rank_) + ": the device times of step " +
+                             std::to_string(index) + " were recorded over by later steps; " +
+                             "read a step's metrics before two more steps have run");
+  }
+  const double nan = std::nan("");
+  out.start.assign(num_actions_, nan);
+  out.end.assign(num_actions_, nan);
+  // Compute actions as the device ran them, in seconds from the step's start there.
+  ev->done.synchronize();
+  for (int a = 0; a < num_actions_; ++a) {
+    if (ev->started[a]) out.start[a] = ev->origin.elapsedTime(ev->start[a]) / 1000.0;
+    if (ev->ended[a]) out.end[a] = ev->origin.elapsedTime(ev->end[a]) / 1000.0;
+  }
+  out.wall = ev->origin.elapsedTime(ev->done) / 1000.0;
   return out;
 }
 

@@ -70,12 +70,16 @@ class Compute {
 };
 
 // What one step did: per action start and end (seconds from the step's start; NaN for none),
-// per communication action when it was posted and when it was seen complete.
+// per communication action when it was posted and when it was seen complete. On a device with
+// streams step() returns host times at once, without waiting for the device; the device's own
+// times come from device_times(index), which waits for the step to finish there.
 struct StepTimes {
   std::vector<double> start, end;
   std::vector<std::tuple<int, double, double>> comm;
   double wall = 0.0;
   double epoch = 0.0;  // the step's start on the steady clock, seconds (shared by processes)
+  int64_t index = 0;   // which step of this executor (0, 1, ...)
+  bool on_device = false;  // device times are to be read with device_times(index)
 };
 
 struct ExecutorOptions {
@@ -95,6 +99,9 @@ class Executor {
   // Runs the program once. A failure aborts the transport (so peers fail fast) and rethrows;
   // the executor cannot run again after one.
   StepTimes step();
+  // Step `index`'s compute actions as the device ran them, and its wall time there: waits for
+  // the device to finish the step. Events are reused, so this works for the latest two steps.
+  StepTimes device_times(int64_t index);
 
   void set_timeout_ms(int64_t ms) { options_.timeout_ms = ms; }
   int rank() const { return rank_; }
@@ -177,9 +184,9 @@ class Executor {
   };
   std::map<std::pair<int, int>, std::vector<Pooled>> pool_;
   std::unique_ptr<DeviceStreams> streams_;  // null on CPU
-  // on streams: per action, events at its start and end, read back after the step
-  std::shared_ptr<c10::Event> origin_;
-  std::vector<std::shared_ptr<c10::Event>> start_ev_, end_ev_;
+  EventPool events_;                         // on streams: ordering events
+  std::unique_ptr<StepEvents> timing_[2];    // on streams: the last two steps' timing events
+  int64_t steps_ = 0;                        // steps started
 
   // per-step state
   std::unordered_map<int64_t, Inbox> inbox_;

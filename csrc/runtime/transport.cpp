@@ -353,11 +353,11 @@ void C10dTransport::end_group() {
 
 class InProcessOp : public Handle {
  public:
-  explicit InProcessOp(at::Tensor t) : tensor(std::move(t)) {
+  InProcessOp(at::Tensor t, EventPool& events) : tensor(std::move(t)) {
     // Device tensors: the copy runs on the stream of whichever rank posts second, so it must
     // wait for the stream of the one that posted first (its data, or its free buffer).
     if (tensor.defined() && device_has_streams(tensor.device())) {
-      posted = mark(current_stream(tensor.device()));
+      posted = events.mark(current_stream(tensor.device()));
     }
   }
 
@@ -421,7 +421,7 @@ class InProcessOp : public Handle {
 
 std::shared_ptr<Handle> Hub::post(int src, int dst, int64_t tag, const at::Tensor& tensor,
                                   bool is_send) {
-  auto op = std::make_shared<InProcessOp>(tensor);
+  auto op = std::make_shared<InProcessOp>(tensor, events_);
   std::shared_ptr<InProcessOp> send, recv;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -468,7 +468,7 @@ std::shared_ptr<Handle> Hub::post(int src, int dst, int64_t tag, const at::Tenso
         }
       }
       recv->tensor.copy_(send->tensor, /*non_blocking=*/true);
-      copied = mark(stream);
+      copied = events_.mark(stream);
     } else {
       recv->tensor.copy_(send->tensor);
     }

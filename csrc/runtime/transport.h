@@ -21,6 +21,8 @@
 #include <tuple>
 #include <vector>
 
+#include "runtime/device_streams.h"
+
 namespace c10d {
 class Backend;
 class ProcessGroup;
@@ -142,6 +144,7 @@ class Hub {
   int size_;
   std::map<std::tuple<int, int, int64_t>, Slot> slots_;
   std::string aborted_;
+  EventPool events_;  // device tensors: the order between the two sides' streams
 };
 
 class InProcessTransport : public Transport {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import torch
@@ -50,3 +51,33 @@ def test_metrics_record_and_profiler_ranges():
         # every compute and communication action is a range, "ppfast:" + its text
         missing = [a for a in res["actions"] if a not in res["names"]]
         assert not missing and f"{rank}F0" in res["names"], missing
+
+
+def test_device_metrics_wait_for_the_device_only_when_read():
+    # On a device the runner returns before the step has finished there; the figures are read
+    # (and the device waited for) once, at the first access, and then behave like any others.
+    loads = []
+    eager = ppfast.StepMetrics(1, 0.5, 0.4, 0.2, [("0F0", 0.0, 0.4)], [0.001])
+
+    def load():
+        loads.append(1)
+        return eager
+
+    from ppfast.runtime.metrics import DeferredStepMetrics
+
+    deferred = DeferredStepMetrics(1, load)
+    assert deferred.rank == 1 and loads == []
+    assert deferred.wall == 0.5 and loads == [1]
+    assert deferred.actions == eager.actions and deferred.as_dict() == eager.as_dict()
+    assert dataclasses.astuple(deferred) == dataclasses.astuple(eager) and loads == [1]
+
+
+def test_a_host_step_says_its_index_and_that_its_times_are_final():
+    chains = [nn.Linear(4, 4), nn.Linear(4, 4)]
+    pipe = ppfast.Pipe(chains, ["cpu"] * 2, chunks=2, schedule="1f1b", loss_fn=nn.MSELoss())
+    for k in range(2):
+        pipe.step(torch.randn(4, 4), target=torch.randn(4, 4))
+        for sched in pipe.schedules:
+            res = sched._runner.last
+            assert res["index"] == k and res["on_device"] is False
+            assert type(sched.last_metrics) is ppfast.StepMetrics

@@ -53,6 +53,15 @@ class StepMetrics:
                 out[part.stage] = out.get(part.stage, 0.0) + (end - start) / len(parts)
         return dict(sorted(out.items()))
 
+    @classmethod
+    def from_times(cls, rank: int, times: dict, names: list[str], compute: list[int]):
+        """From the executor's times of one step: ``compute`` indexes its compute actions."""
+        spans = [(names[k], times["start"][k], times["end"][k]) for k in compute]
+        busy = sum(e - s for _, s, e in spans)
+        wall = times["wall"]
+        lat = [done - posted for _, posted, done in times["comm"] if done == done]
+        return cls(rank, wall, busy, 1.0 - busy / wall if wall else 0.0, spans, lat)
+
     def as_dict(self) -> dict:
         return {
             "rank": self.rank,
@@ -64,6 +73,24 @@ class StepMetrics:
             "p2p_p99": self.p2p_p99,
             "num_actions": len(self.actions),
         }
+
+
+class DeferredStepMetrics(StepMetrics):
+    """StepMetrics of a step that may still be running on a device: nothing waits for it until
+    a figure is read, and then ``load()`` (which waits for the device) fills them all in."""
+
+    def __init__(self, rank: int, load):
+        self.rank = rank
+        self._load = load
+
+    def __getattr__(self, name: str):
+        # only reached for the fields not filled in yet
+        if name.startswith("_") or self.__dict__.get("_load") is None:
+            raise AttributeError(name)
+        filled = self._load()
+        self._load = None
+        self.__dict__.update({k: getattr(filled, k) for k in self.__dataclass_fields__})
+        return getattr(self, name)
 
 
 def write_timeline(

@@ -23,7 +23,7 @@ from .._native import C
 from ..program.engine import encode_rank
 from ..program.ir import Program, format_action
 from ..program.validate import validate
-from .metrics import StepMetrics
+from .metrics import DeferredStepMetrics, StepMetrics
 
 # transports (by name) that pair a send with its receive by tag; any other pairs by order
 TAG_MATCHED = ("shm", "in-process", "c10d:gloo")
@@ -82,18 +82,24 @@ class RankRunner:
         self._executor.set_timeout_ms(int(seconds * 1000))
 
     def step(self) -> StepMetrics:
+        """Run the program once. On a device with streams this returns before the device has
+        finished: the metrics wait for it when first read (read them before two more steps)."""
         res = self._executor.step()
         self.last = res
+        if not res["on_device"]:
+            return self._metrics(res)
+        return DeferredStepMetrics(self.rank, lambda: self._metrics(self._device_times(res)))
+
+    def _device_times(self, res: dict) -> dict:
+        if "device" not in res:  # the device's times of compute; the host's of transfers
+            dev = self._executor.device_times(res["index"])
+            res["device"] = {**res, "start": dev["start"], "end": dev["end"], "wall": dev["wall"]}
+        return res["device"]
+
+    def _metrics(self, times: dict) -> StepMetrics:
         acts = self.program.ranks[self.rank]
-        spans = [
-            (self.names[k], res["start"][k], res["end"][k])
-            for k, a in enumerate(acts)
-            if a.is_compute
-        ]
-        busy = sum(e - s for _, s, e in spans)
-        wall = res["wall"]
-        lat = [done - posted for _, posted, done in res["comm"] if done == done]
-        return StepMetrics(self.rank, wall, busy, 1.0 - busy / wall if wall else 0.0, spans, lat)
+        compute = [k for k, a in enumerate(acts) if a.is_compute]
+        return StepMetrics.from_times(self.rank, times, self.names, compute)
 
     def timeline(self) -> list[tuple[int, object, float, float]]:
         """The last step's compute actions as (rank, action, start, end), for ppfast.program.draw.
@@ -103,10 +109,11 @@ class RankRunner:
         """
         if self.last is None:
             return []
+        times = self._device_times(self.last) if self.last["on_device"] else self.last
         acts = self.program.ranks[self.rank]
-        t0 = self.last["epoch"]
+        t0 = times["epoch"]
         return [
-            (self.rank, a, t0 + self.last["start"][k], t0 + self.last["end"][k])
+            (self.rank, a, t0 + times["start"][k], t0 + times["end"][k])
             for k, a in enumerate(acts)
             if a.is_compute
         ]
