@@ -15,6 +15,7 @@ from .program.validate import ProgramError, validate
 from .runtime.errors import PipelineCommError
 from .runtime.metrics import StepMetrics
 from .runtime.runner import RankRunner
+from .training.batch_loss import BatchLoss
 from .training.pipe import Pipe
 from .training.pipeline import (
     PipelineSchedule,
@@ -36,6 +37,7 @@ from .training.traced import build_stage
 
 __all__ = [
     "Action",
+    "BatchLoss",
     "Costs",
     "Kind",
     "Pipe",

@@ -12,6 +12,7 @@ from ..runtime.metrics import StepMetrics, write_timeline
 from ..runtime.runner import RankRunner
 from ..runtime.transports import check_kind, transport_for
 from . import extensions
+from .batch_loss import batch_kwargs_of
 from .grad_hooks import HookRouter
 from .microbatch import merge_outputs, split_batch, split_target
 from .stage import PipelineStage
@@ -211,9 +212,11 @@ class PipelineSchedule:
         Inputs go to the rank holding the first stage, ``target`` to the one holding the last;
         ``losses`` (a list) receives each microbatch's loss there, and ``loss_kwargs`` go to
         every ``loss_fn`` call. Gradients accumulate into ``.grad``, scaled for a mean over
-        microbatches when ``scale_grads``. Returns the last stage's outputs merged into one
-        batch on that rank (None elsewhere, or with ``return_outputs=False``, which also keeps
-        no outputs during the step).
+        microbatches when ``scale_grads``, unless ``loss_fn`` weighs the microbatches itself
+        (a :class:`~ppfast.training.batch_loss.BatchLoss`, or ``ppfast.hf.CausalLMLoss(
+        weighting="tokens")``): its losses are then shares of the batch's, and are summed.
+        Returns the last stage's outputs merged into one batch on that rank (None elsewhere,
+        or with ``return_outputs=False``, which also keeps no outputs during the step).
         """
         if not torch.is_grad_enabled():
             raise RuntimeError(
@@ -268,6 +271,12 @@ class PipelineSchedule:
             self._setup()
         runner = self._runner if training else self._forward_runner()
         scale = 1.0 / m if self.scale_grads else 1.0
+        if last is not None:
+            # a loss that weighs microbatches by their share of the batch (token counts) says
+            # so here; its microbatch losses are then summed, not averaged
+            weighed = batch_kwargs_of(self.loss_fn, targets)
+            if weighed is not None:
+                loss_kwargs, scale = {**(loss_kwargs or {}), **weighed}, 1.0
         for s in self.stages:
             s.prepare(
                 m,
