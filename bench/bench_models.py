@@ -579,10 +579,10 @@ def _med(xs):
     return statistics.median(xs) if xs else None
 
 
-def simulated(prog, prof: dict, transfer: float) -> tuple[float, list[float]]:
-    """The simulator's bubble (mean and per rank) for ``prog`` at the profiled costs of each
-    stage on the rank that holds it: (F, I, W) where the program splits the backward, else
-    (F, B, 0) of the plain backward."""
+def simulated(prog, prof: dict, transfer: float):
+    """The simulator's step for ``prog`` at the profiled costs of each stage on the rank that
+    holds it: (F, I, W) where the program splits the backward, else (F, B, 0) of the plain
+    backward. Returns the Simulation (bubble, bubble_per_rank, makespan)."""
     import ppfast
     from ppfast.program.ir import Kind
 
@@ -595,8 +595,27 @@ def simulated(prog, prof: dict, transfer: float) -> tuple[float, list[float]]:
             table.append((c["F"][0], c["I"][0], c["W"][0]))
         else:
             table.append((c["F_plain"][0], c["B"][0], 0.0))
-    sim = ppfast.simulate(prog, ppfast.Costs(comm=transfer, per_stage=tuple(table)))
-    return sim.bubble, list(sim.bubble_per_rank)
+    return ppfast.simulate(prog, ppfast.Costs(comm=transfer, per_stage=tuple(table)))
+
+
+def profiled_limit(prog, prof: dict, m: int) -> float:
+    """T_limit at the profiled costs: the slowest rank's m x (F + B) of the stages it holds."""
+    n = prog.num_stages
+    return max(
+        m * sum(prof[f"{r}/{n}/{s}"][k][0] for s in prog.stages_of(r) for k in ("F_plain", "B"))
+        for r in range(prog.p)
+    )
+
+
+def torch_program(name: str, p: int, m: int, progs: dict):
+    """torch's own program for a schedule (its generator's actions), for the simulator."""
+    import ppfast
+
+    if PAIRS[name] == "runtime":
+        return progs[name]
+    from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
+
+    return ppfast.from_pipeline_order(get_schedule_ops(PAIRS[name].removeprefix("Schedule"), p, m))
 
 
 def summarize(args, model: str, width: int, gathered: list, load: dict) -> dict:
@@ -616,6 +635,7 @@ def summarize(args, model: str, width: int, gathered: list, load: dict) -> dict:
             progs[name] = _program(name, p, m, costs)
         else:
             progs[name] = _program(name, p, m)
+    limit_progs = {"loop": _program("1f1b", p, m), "v": _program("zb-v", p, m)}
     rows = []
     for key in r0["records"]:
         if key.startswith("limit:"):
@@ -658,10 +678,17 @@ def summarize(args, model: str, width: int, gathered: list, load: dict) -> dict:
                 rank_row["p2p_p50_ms"] = _med(rec.get("p2p_p50") for rec in recs) * 1e3
             row["ranks"].append(rank_row)
         row["bubble"] = statistics.mean(rr["bubble"] for rr in row["ranks"])
-        if runtime == "ppfast":
-            sim, sim_ranks = simulated(prog, prof, transfer)
-            row["simulated_bubble"], row["simulated_bubble_per_rank"] = sim, sim_ranks
-            for rr, sb in zip(row["ranks"], sim_ranks, strict=True):
+        # the simulator at the profiled costs: the bubble this program leaves, and the eta it
+        # would reach against the limit at the same costs (torch's program at ppfast's costs)
+        try:
+            sim_prog = prog if runtime == "ppfast" else torch_program(name, p, m, progs)
+            sim = simulated(sim_prog, prof, transfer)
+        except Exception:  # noqa: BLE001 - a program torch cannot hand over is not simulated
+            sim = None
+        if sim is not None:
+            row["simulated_bubble"] = sim.bubble
+            row["simulated_eta"] = profiled_limit(limit_progs[lkey], prof, m) / sim.makespan
+            for rr, sb in zip(row["ranks"], sim.bubble_per_rank, strict=True):
                 rr["simulated_bubble"] = sb
         rows.append(row)
     by = {(r["runtime"], r["schedule"]): r for r in rows}
@@ -715,7 +742,7 @@ def print_block(args, res: dict) -> None:
         f"{_f(load['compute_cpu_wall_min'], '.2f')}{flag}"
     )
     print(
-        f"{'schedule':15s} {'runtime':7s} {'step ms':>8s} {'eta':>6s} {'vs torch':>8s} "
+        f"{'schedule':15s} {'runtime':7s} {'step ms':>8s} {'eta':>6s} {'sim':>6s} {'vs torch':>8s} "
         f"{'bubble':>7s} {'sim':>6s}  per rank: bubble/sim, run/alone F I W B, idle ms"
     )
     for row in res["rows"]:
@@ -728,9 +755,10 @@ def print_block(args, res: dict) -> None:
         vs = row.get("speedup_vs_torch")
         vs = f"{vs:.2f}x" if vs else ""
         sim = _f(row.get("simulated_bubble"), ".1%")
+        eta_sim = _f(row.get("simulated_eta"), ".3f")
         print(
             f"{name:15s} {row['runtime']:7s} {row['step_s'] * 1e3:8.1f} {row['eta']:6.3f} "
-            f"{vs:>8s} {row['bubble']:7.1%} {sim:>6s}  " + " | ".join(ranks)
+            f"{eta_sim:>6s} {vs:>8s} {row['bubble']:7.1%} {sim:>6s}  " + " | ".join(ranks)
         )
 
 
