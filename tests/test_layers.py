@@ -6,7 +6,7 @@ Layers, lowest first (docs/architecture.md):
     program     ppfast.program                          schedules as data; no device, no c10d
     runtime     ppfast.runtime                          executor, transports, metrics, errors
     training    ppfast.training                         stage, schedule classes, Pipe, microbatching
-    model tools ppfast.model, .nn, .recompute, .parallel, .checkpoint
+    model tools ppfast.model, .nn, .recompute, .parallel, .checkpoint, .hf
     api         ppfast (its __init__)                   the public names
     tools       ppfast.tools, .testing, .__main__       CLI, demo, benchmarks, test backends
 
@@ -32,7 +32,14 @@ LAYERS = [
     ("training", ("ppfast.training",)),
     (
         "model tools",
-        ("ppfast.model", "ppfast.nn", "ppfast.recompute", "ppfast.parallel", "ppfast.checkpoint"),
+        (
+            "ppfast.model",
+            "ppfast.nn",
+            "ppfast.recompute",
+            "ppfast.parallel",
+            "ppfast.checkpoint",
+            "ppfast.hf",
+        ),
     ),
     ("api", ("ppfast",)),
     ("tools", ("ppfast.tools", "ppfast.testing", "ppfast.__main__")),

@@ -38,7 +38,8 @@ def layouts(stages, names=None, *, group=None) -> list[StageLayout]:
 
     - the full model (an ``nn.Module``), when the stages hold its own layer objects
       (``ppfast.split``'s stages, ``model[4:8]``): found by module identity;
-    - ``None`` (default): automatic. With one stage, the stage is the model. Otherwise the
+    - ``None`` (default): automatic. With one stage, or a stage module whose
+      ``full_model_names`` is true (``ppfast.hf``'s), the keys are the full model's. Otherwise the
       stages are consecutive runs of one ``nn.Sequential``/``ModuleList``, in stage order:
       slices that keep the full model's indices (``model[4:8]``) or re-numbered ones
       (``nn.Sequential(*layers[4:8])``); each stage's first child takes the index after the
@@ -168,7 +169,8 @@ def _spec_for(names, h: Held, held: list[Held]):
 
 
 def _automatic(h: Held, keys: list[str], indexed: dict[int, tuple | None]) -> dict[str, str]:
-    if h.num_stages == 1:
+    # a stage module whose keys are the full model's already (ppfast.hf's stages) says so
+    if h.num_stages == 1 or getattr(h.module, "full_model_names", False):
         return {k: k for k in keys}
     bad = next((s for s in range(h.num_stages) if indexed.get(s) is None), None)
     prefixes = {indexed[s][0] for s in range(h.num_stages)} if bad is None else set()
