@@ -60,8 +60,8 @@ def _config(arch: str):
     raise ValueError(f"unknown architecture {arch!r}")
 
 
-# the architectures trained on ranks; the single-process tests also take llama-tied and gemma2
-ARCHS = ("llama", "mistral", "qwen2", "gemma3", "gpt2")
+# the architectures trained on ranks; the single-process tests also take llama-tied
+ARCHS = ("llama", "mistral", "qwen2", "gemma2", "gemma3", "gpt2")
 ALL_ARCHS = ("llama", "llama-tied", "mistral", "qwen2", "gemma2", "gemma3", "gpt2")
 
 
