@@ -106,71 +106,13 @@ def describe_model(name: str, width: int, layers: int, vocab: int, seq: int) -> 
 
 
 def cut(model: nn.Module, num_stages: int):
-    """The model's stages (embedding on the first, final norm and head on the last), and per
-    stage its tied parameters: ``split.stages``, ``split.tied``."""
-    import ppfast
+    """The model's stages by ``ppfast.hf.split``, the same number of layers on each: the
+    embeddings on the first, the final norm and the head on the last; ``.tied`` declares the
+    embedding the head shares. A stage after the first takes (hidden states, attention mask,
+    position ids); the last returns the logits."""
+    import ppfast.hf
 
-    hf = getattr(ppfast, "hf", None)
-    if hf is not None and hasattr(hf, "split"):
-        return hf.split(model, num_stages)
-    return _local_cut(model, num_stages)
-
-
-class _Cut:
-    def __init__(self, stages, tied):
-        self.stages, self.tied = stages, tied
-
-
-class _Stage(nn.Module):
-    """Layers ``lo:hi`` of a transformers causal LM, run as its own forward runs them."""
-
-    def __init__(self, model: nn.Module, lo: int, hi: int, first: bool, last: bool):
-        super().__init__()
-        base = model.base_model
-        self.config = model.config
-        self.embed = base.get_input_embeddings() if first else None
-        self.wpe = getattr(base, "wpe", None) if first else None
-        blocks = base.layers if hasattr(base, "layers") else base.h
-        self.layers = nn.ModuleList(blocks[lo:hi])
-        self.rotary = getattr(base, "rotary_emb", None)
-        self.norm = (base.norm if hasattr(base, "norm") else base.ln_f) if last else None
-        self.head = model.lm_head if last else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from transformers.masking_utils import create_causal_mask
-
-        h = self.embed(x) if self.embed is not None else x
-        pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
-        if self.wpe is not None:
-            h = h + self.wpe(pos)
-        mask = create_causal_mask(
-            config=self.config, inputs_embeds=h, attention_mask=None, cache=None,
-            position_ids=pos,
-        )  # fmt: skip
-        extra = {}
-        if self.rotary is not None:
-            extra["position_embeddings"] = self.rotary(h, position_ids=pos)
-        for layer in self.layers:
-            h = layer(h, attention_mask=mask, position_ids=pos, **extra)
-            h = h[0] if isinstance(h, tuple) else h
-        if self.head is not None:
-            h = self.head(self.norm(h))
-        return h
-
-
-def _local_cut(model: nn.Module, n: int) -> _Cut:
-    base = model.base_model
-    blocks = base.layers if hasattr(base, "layers") else base.h
-    per, extra = divmod(len(blocks), n)
-    if extra:
-        raise ValueError(f"{len(blocks)} layers do not cut into {n} equal stages")
-    stages = [_Stage(model, s * per, (s + 1) * per, s == 0, s == n - 1) for s in range(n)]
-    tied: list[dict] = [{} for _ in range(n)]
-    emb, head = base.get_input_embeddings().weight, model.lm_head.weight
-    if emb is head:
-        tied[0]["embed"] = emb
-        tied[-1]["embed"] = head
-    return _Cut(stages, tuple(tied))
+    return ppfast.hf.split(model, num_stages, method="uniform")
 
 
 def untied_copy(model: nn.Module) -> nn.Module:
@@ -238,6 +180,23 @@ class _Log:
         self.wrap(stage, "backward_weight_one_chunk", s, lambda a, k: "W")
 
 
+class _Unviewed(nn.Module):
+    """A stage for torch's schedules whose outputs are never views: torch's split backward
+    detaches a stage's outputs in place, which a view refuses (GPT-2's hidden states leave
+    its forward as a view). The copy is one activation per microbatch."""
+
+    def __init__(self, stage: nn.Module):
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, *args, **kwargs):
+        out = self.stage(*args, **kwargs)
+        if isinstance(out, tuple):
+            return tuple(o.clone() if isinstance(o, torch.Tensor) and o._base is not None else o
+                         for o in out)  # fmt: skip
+        return out
+
+
 def build(runtime: str, name: str, prog, base, rank: int, m: int):
     """This rank's stages of ``prog`` under ``runtime``, from a fresh copy of ``base``."""
     import ppfast
@@ -261,7 +220,7 @@ def build(runtime: str, name: str, prog, base, rank: int, m: int):
         from torch.distributed.pipelining import schedules as tps
 
         split = cut(untied_copy(base), n)
-        mods = {s: copy.deepcopy(split.stages[s]) for s in mine}
+        mods = {s: _Unviewed(copy.deepcopy(split.stages[s])) for s in mine}
         stages = [tp.PipelineStage(mods[s], s, n, torch.device("cpu")) for s in mine]
         for st in stages:
             log.torch(st)
@@ -278,6 +237,13 @@ def build(runtime: str, name: str, prog, base, rank: int, m: int):
 
 def _hidden(mb: int, seq: int, width: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(mb, seq, width, generator=gen)
+
+
+def _received(h: torch.Tensor) -> list[torch.Tensor]:
+    """What a stage after the first receives: hidden states, and the attention mask and
+    position ids the first stage was not given (empty)."""
+    empty = torch.empty(0, dtype=torch.long)
+    return [h, empty, empty]
 
 
 def profile(base, rank: int, p: int, cuts: dict[int, list[int]], xm, ym, args, width: int):
@@ -305,7 +271,7 @@ def profile(base, rank: int, p: int, cuts: dict[int, list[int]], xm, ym, args, w
     for rep in range(args.profile_warmup + args.profile_reps):
         dist.barrier()
         for key, st in units:
-            inp = None if st.is_first else [h]
+            inp = None if st.is_first else _received(h)
             grads = None if st.is_last else [g]
             st.weight_store.enabled = True
             st.prepare(1, [(xm[0],)], [{}], [ym[0]], loss_fn, 1.0)
@@ -342,11 +308,11 @@ def make_limit(base, rank: int, prog, xm, ym, args, width: int):
     def limit():
         for xb, yb in zip(xm, ym, strict=True):
             for k, (s, md) in enumerate(own):
-                out = md(xb if s == 0 else h[k].requires_grad_(True))
+                out = md(xb) if s == 0 else md(*_received(h[k].requires_grad_(True)))
                 if s == n - 1:
                     loss_fn(out, yb).backward()
                 else:
-                    out.backward(g[k])
+                    out[0].backward(g[k])
                 h[k].grad = None
         for _, md in own:
             for q in md.parameters():
@@ -554,6 +520,14 @@ def run_model(args, model: str, width: int) -> tuple[list, dict]:
     for pr in procs:
         pr.start()
     try:
+        while queue.empty():  # a rank that fails exits without putting anything
+            failed = [pr for pr in procs if pr.exitcode not in (None, 0)]
+            if failed:
+                raise RuntimeError(
+                    f"{model} width {width}: rank {procs.index(failed[0])} exited with code "
+                    f"{failed[0].exitcode} (its traceback is above)"
+                )
+            time.sleep(0.2)
         gathered = queue.get()
     finally:
         for pr in procs:
