@@ -14,6 +14,7 @@ from ..runtime.transports import check_kind, transport_for
 from . import extensions
 from .batch_loss import batch_kwargs_of
 from .grad_hooks import HookRouter
+from .host_memory import keep_freed_memory
 from .microbatch import merge_outputs, split_batch, split_target
 from .stage import PipelineStage
 
@@ -125,6 +126,8 @@ class PipelineSchedule:
         return self._transport is None or isinstance(self._transport, str)
 
     def _setup(self) -> None:
+        if all(s.device.type == "cpu" for s in self.stages):
+            keep_freed_memory()  # a CPU step reuses the last one's pages (see host_memory)
         transport, rank, size = self._group_rank_size()
         self._rank_transport = transport
         num_stages = self.stages[0].num_stages
