@@ -13,9 +13,12 @@ Per model and width, as DESIGN.md's "Measuring a pipeline" says:
     T_limit   every rank runs forward and backward of its own stages (for the schedule's
               placement: loop or V) for all microbatches at once, no transfers, no waiting
     eta       T_limit / T_step                            (medians over rounds)
-    bubble    measured, 1 - compute / step per rank (ppfast: the executor's own figure)
+    bubble    measured, 1 - compute / step per rank, averaged (compute: the stages' own F, I,
+              W, B calls; for ppfast the JSON also has the executor's own figure)
     sim       the simulator's bubble for the same program at the F, I, W (B) costs of each
-              stage profiled alone (both ranks profiling their own stages at once)
+              stage profiled alone (both ranks profiling their own stages at once, gradients
+              accumulating as in a step); torch's programs at the same costs
+    eta sim   the eta that program reaches at those costs against the limit at those costs
     F/I/W     a rank's compute per kind in the run against m x the profiled cost
     idle      step - compute: waiting for a peer, transfers, executor and schedule overhead
 
@@ -147,10 +150,11 @@ def _limit_key(prog) -> str:
 
 
 class _Log:
-    """Per compute call of instrumented stages: (stage, kind, wall s, thread-CPU s)."""
+    """Per compute call of instrumented stages: (stage, kind, start, wall s, thread-CPU s);
+    start on the monotonic clock, which the ranks of one machine share."""
 
     def __init__(self):
-        self.calls: list[tuple[int, str, float, float]] = []
+        self.calls: list[tuple[int, str, float, float, float]] = []
 
     def wrap(self, obj, method: str, stage: int, kind_of) -> None:
         fn = getattr(obj, method)
@@ -159,7 +163,7 @@ class _Log:
             c, t = time.thread_time(), time.perf_counter()
             out = fn(*a, **k)
             self.calls.append(
-                (stage, kind_of(a, k), time.perf_counter() - t, time.thread_time() - c)
+                (stage, kind_of(a, k), t, time.perf_counter() - t, time.thread_time() - c)
             )
             return out
 
@@ -268,8 +272,14 @@ def profile(base, rank: int, p: int, cuts: dict[int, list[int]], xm, ym, args, w
         fn(*a, **k)
         return time.perf_counter() - t, time.thread_time() - c
 
+    # Gradients accumulate over the reps as over a step's microbatches (a W adds into .grad;
+    # only a step's first allocates it), and are dropped after the warm-up and at the end.
     for rep in range(args.profile_warmup + args.profile_reps):
         dist.barrier()
+        if rep == args.profile_warmup:
+            for _, st in units:
+                for q in st.submod.parameters():
+                    q.grad = None
         for key, st in units:
             inp = None if st.is_first else _received(h)
             grads = None if st.is_last else [g]
@@ -283,11 +293,12 @@ def profile(base, rank: int, p: int, cuts: dict[int, list[int]], xm, ym, args, w
             f2 = timed(st.forward, 0, inp)
             b = timed(st.backward, 0, grads, full=True)
             st.weight_store.check_empty()
-            for q in st.submod.parameters():
-                q.grad = None
             if rep >= args.profile_warmup:
                 for kind, v in (("F", f), ("I", i), ("W", w), ("F_plain", f2), ("B", b)):
                     samples[key][kind].append(v)
+    for _, st in units:
+        for q in st.submod.parameters():
+            q.grad = None
     return {
         key: {kd: tuple(statistics.median(x[j] for x in v) for j in (0, 1)) for kd, v in d.items()}
         for key, d in samples.items()
@@ -410,10 +421,13 @@ def rank_main(rank: int, p: int, port: int, args, model: str, width: int, queue)
         for q in cfg["params"]:
             q.grad = None
 
+    starts: list[float] = []
+
     def timed(fn) -> dict:
         dist.barrier()
         r0 = resource.getrusage(resource.RUSAGE_SELF)
         t, c = time.perf_counter(), time.process_time()
+        starts.append(t)
         fn()
         local, cpu = time.perf_counter() - t, time.process_time() - c
         r1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -427,6 +441,7 @@ def rank_main(rank: int, p: int, port: int, args, model: str, width: int, queue)
     for fn in limits.values():
         timed(fn)
     records: dict[str, list[dict]] = defaultdict(list)
+    timelines: dict[str, list] = {}  # the last round's compute calls, ms from the step's start
     for rnd in range(args.rounds):
         for key, fn in limits.items():
             records[f"limit:{key}"].append(timed(fn))
@@ -436,7 +451,7 @@ def rank_main(rank: int, p: int, port: int, args, model: str, width: int, queue)
             rec = timed(lambda cfg=cfg: run(cfg))
             kinds: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
             per_stage: dict[str, list[float]] = defaultdict(list)
-            for s, kind, wall, cpu in cfg["log"].calls:
+            for s, kind, _, wall, cpu in cfg["log"].calls:
                 kinds[kind][0] += wall
                 kinds[kind][1] += cpu
                 per_stage[f"{s}{kind}"].append(wall)
@@ -455,7 +470,12 @@ def rank_main(rank: int, p: int, port: int, args, model: str, width: int, queue)
                         by[f"{part.stage}{part.kind}"].append((end - start) / len(a.parts()))
                 rec["stage_kind"] = {sk: statistics.median(v) for sk, v in by.items()}
             records[f"{cfg['runtime']}:{cfg['name']}"].append(rec)
+            timelines[f"{cfg['runtime']}:{cfg['name']}"] = [
+                (f"{s}{kind}", (t - starts[-1]) * 1e3, (t + wall - starts[-1]) * 1e3)
+                for s, kind, t, wall, _ in cfg["log"].calls
+            ]
     info = {
+        "timelines": timelines,
         "records": dict(records),
         "profile": {f"{r}/{n}/{s}": v for (r, n, s), v in prof.items()} if rank == 0 else None,
         "transfer": transfer,
@@ -634,11 +654,11 @@ def summarize(args, model: str, width: int, gathered: list, load: dict) -> dict:
                 for kd in kinds
             }
             compute = sum(run.values())
-            bubble = (_med(rec.get("bubble") for rec in recs) if runtime == "ppfast"
-                      else 1.0 - compute / step)  # fmt: skip
             rank_row = {
                 "stages": mine,
-                "bubble": bubble,
+                # idle share of the step, as the simulator counts it: the rank's compute
+                # against the whole step (its waits at either end included)
+                "bubble": 1.0 - compute / step,
                 "compute_ms": {kd: v * 1e3 for kd, v in run.items()},
                 "compute_cpu_ms": {kd: v * 1e3 for kd, v in cpu.items()},
                 "alone_ms": {kd: v * 1e3 for kd, v in alone.items()},
@@ -650,6 +670,10 @@ def summarize(args, model: str, width: int, gathered: list, load: dict) -> dict:
             }
             if runtime == "ppfast":
                 rank_row["p2p_p50_ms"] = _med(rec.get("p2p_p50") for rec in recs) * 1e3
+                # the executor's own step on this rank; the rest of the step is spent outside
+                # it (the tied weights' exchange, waiting at the step's end for the other rank)
+                rank_row["executor_ms"] = _med(rec.get("exec_wall") for rec in recs) * 1e3
+                rank_row["executor_bubble"] = _med(rec.get("bubble") for rec in recs)
             row["ranks"].append(rank_row)
         row["bubble"] = statistics.mean(rr["bubble"] for rr in row["ranks"])
         # the simulator at the profiled costs: the bubble this program leaves, and the eta it
@@ -676,10 +700,10 @@ def summarize(args, model: str, width: int, gathered: list, load: dict) -> dict:
     compute_ratio = [rr["compute_cpu_wall"] for r in rows for rr in r["ranks"]
                      if rr["compute_cpu_wall"]]  # fmt: skip
     load["compute_cpu_wall_min"] = min(compute_ratio) if compute_ratio else None
+    # the load average lags by minutes: what other processes used during the run, and compute
+    # descheduled while it ran, say whether this run shared the cores
     load["contended"] = bool(
-        load["others_cores"] > args.max_others
-        or load["loadavg_before"][0] > 0.5 + args.max_others
-        or (load["compute_cpu_wall_min"] or 1.0) < 0.95
+        load["others_cores"] > args.max_others or (load["compute_cpu_wall_min"] or 1.0) < 0.95
     )
     profile_ms = {
         k: {kd: {"wall": v[0] * 1e3, "cpu": v[1] * 1e3} for kd, v in d.items()}
@@ -695,6 +719,8 @@ def summarize(args, model: str, width: int, gathered: list, load: dict) -> dict:
         "profile_ms": profile_ms,
         "rows": rows,
         "raw_steps_s": {k: [rec["wall"] for rec in v] for k, v in r0["records"].items()},
+        # the last round's compute calls per rank: (action, start ms, end ms) from the step's start
+        "timelines": {k: [g["timelines"][k] for g in gathered] for k in r0["timelines"]},
     }
     print_block(args, out)
     return out
@@ -804,6 +830,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{mach['cpu']}, {mach['cores']} cores, torch {mach['torch']}, transformers "
           f"{mach['transformers']}; 2 gloo ranks x {args.threads} thread(s); medians of "
           f"{args.rounds} rounds")  # fmt: skip
+    # ppfast's CPU schedules keep freed memory in the process (ppfast.training.host_memory);
+    # the limit and torch's schedules run in the same processes, after ppfast's first step
+    mach["keep_host_memory"] = os.environ.get("PPFAST_KEEP_HOST_MEMORY", "1") != "0"
     run = {"machine": mach, "date": time.strftime("%Y-%m-%d %H:%M"), "command": command,
            "setup": {k: v for k, v in vars(args).items() if k not in ("json", "append")},
            "results": []}  # fmt: skip
