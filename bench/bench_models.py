@@ -25,7 +25,7 @@ Per model and width, as DESIGN.md's "Measuring a pipeline" says:
 Contention shows as compute thread-CPU below its wall time, and as CPU that other processes
 used during the run (from /proc/stat); such a run is flagged.
 
-    python bench/bench_models.py [--models llama,qwen2,gpt2] [--widths 512,1024] [--rounds 7]
+    python bench/bench_models.py [--models llama,qwen2,gpt2] [--widths 512,1024] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -796,13 +796,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--microbatches", "-m", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per schedule")
-    ap.add_argument("--profile-reps", type=int, default=7)
-    ap.add_argument("--profile-warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per schedule")
+    ap.add_argument("--profile-reps", type=int, default=5)
+    ap.add_argument("--profile-warmup", type=int, default=1)
     ap.add_argument(
         "--schedules",
-        default="1f1b,zb-h1,zb-v,interleaved-zb",
+        default="1f1b,zb-h1,zb-v,interleaved-zb,auto",
         help=f"comma-separated, from {', '.join(PAIRS)}",
     )
     ap.add_argument(
