@@ -34,6 +34,8 @@ def _config(arch: str):
         return tf.LlamaConfig(**_COMMON)
     if arch == "llama-tied":
         return tf.LlamaConfig(**_COMMON, tie_word_embeddings=True)
+    if arch == "olmo":  # its final norm has no parameters
+        return tf.OlmoConfig(**_COMMON)
     if arch == "mistral":
         return tf.MistralConfig(**_COMMON, sliding_window=4)
     if arch == "qwen2":
@@ -60,9 +62,9 @@ def _config(arch: str):
     raise ValueError(f"unknown architecture {arch!r}")
 
 
-# the architectures trained on ranks; the single-process tests also take llama-tied
+# the architectures trained on ranks; the single-process tests also take llama-tied and olmo
 ARCHS = ("llama", "mistral", "qwen2", "gemma2", "gemma3", "gpt2")
-ALL_ARCHS = ("llama", "llama-tied", "mistral", "qwen2", "gemma2", "gemma3", "gpt2")
+ALL_ARCHS = ("llama", "llama-tied", "olmo", "mistral", "qwen2", "gemma2", "gemma3", "gpt2")
 
 
 def build(arch: str, seed: int = 0):

@@ -100,6 +100,12 @@ def read_plan(model: nn.Module) -> Plan:
     base_attr = getattr(model, "base_model_prefix", "")
     base = getattr(model, base_attr, None) if base_attr else None
     if not isinstance(base, nn.Module) or base is model:
+        # a prefix that names no child (Llama 4's text model keeps its base model under
+        # `model`, its prefix says `language_model`): the one child that is a model
+        inner = [(k, c) for k, c in model.named_children() if isinstance(c, PreTrainedModel)]
+        if len(inner) == 1:
+            base_attr, base = inner[0]
+    if not isinstance(base, nn.Module) or base is model:
         raise ValueError(
             f"{name} has no base model under a head (its base_model_prefix {base_attr!r} names "
             "no child module): pass the causal LM (e.g. LlamaForCausalLM, not LlamaModel), "

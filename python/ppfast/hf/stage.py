@@ -150,15 +150,16 @@ class HFStage(nn.Module):
                 run._modules[str(i)] = _PassOn(layer)
         base_twin = _twin(base)
         base_twin._modules[plan.layers] = run
-        # modules without parameters (a dropout) run on every stage, as the forward has them
+        # what the forward does before the first layer a later stage discards, so there a
+        # module without parameters (a dropout) may run as it is; after the last layer it
+        # may not (OLMo's final norm has no parameters)
         if not with_pre:
             for name in plan.pre:
                 if _has_params(base._modules[name]):
                     base_twin._modules[name] = _Zeros(base._modules[name])
         if not with_post:
             for name in plan.post:
-                if _has_params(base._modules[name]):
-                    base_twin._modules[name] = _PassOn(base._modules[name])
+                base_twin._modules[name] = _PassOn(base._modules[name])
         head_twin = _twin(model)
         head_twin._modules[plan.base_attr] = base_twin
         for name in plan.head:
