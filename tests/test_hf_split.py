@@ -251,6 +251,14 @@ def test_without_transformers_import_says_how_to_install(monkeypatch):
         import ppfast.hf  # noqa: F401
 
 
+def test_hf_extra_pulls_in_transformers():
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    extra = pyproject["project"]["optional-dependencies"]["hf"]
+    assert any(req.replace(" ", "").startswith("transformers>=5") for req in extra), extra
+
+
 def test_import_ppfast_does_not_import_transformers(tmp_path):
     code = "import sys, ppfast; assert 'transformers' not in sys.modules, 'imported'"
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=120)
