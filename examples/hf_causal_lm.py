@@ -1,6 +1,6 @@
 """Train a Hugging Face causal LM pipelined by ppfast, one stage or two per rank, under torchrun.
 
-    torchrun --nproc-per-node 2 examples/hf_causal_lm.py                  # small Llama, made-up text
+    torchrun --nproc-per-node 2 examples/hf_causal_lm.py             # small Llama, made-up text
     torchrun --nproc-per-node 2 examples/hf_causal_lm.py --arch gpt2 --schedule zb-v
     torchrun --nproc-per-node 2 examples/hf_causal_lm.py --model ./my-llama --data notes.txt
 
