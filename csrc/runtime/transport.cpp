@@ -262,6 +262,8 @@ void C10dTransport::abort(const std::string& why) {
   abort_->fail_pending("this rank gave up: " + why);
 }
 
+void C10dTransport::fail_pending(const std::string& why) { abort_->fail_pending(why); }
+
 
 void AbortState::fail_pending(const std::string& reason) {
   {
@@ -286,8 +288,12 @@ void AbortState::fail_pending(const std::string& reason) {
     }
   }
   for (auto& h : pending) h->cancel();
-  // the channel of steps that agree shapes has waits of its own
-  if (negotiation) negotiation->abort(reason);
+  // the channel of steps that agree shapes has waits of its own, failed for the same reason
+  if (auto side = std::dynamic_pointer_cast<C10dTransport>(negotiation)) {
+    side->fail_pending(reason);
+  } else if (negotiation) {
+    negotiation->abort(reason);
+  }
 }
 
 std::string C10dTransport::name() const { return "c10d:" + backend_->getBackendName(); }

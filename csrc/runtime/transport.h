@@ -100,6 +100,9 @@ class C10dTransport : public Transport {
   void begin_group() override;
   void end_group() override;
   void abort(const std::string& why) override;
+  // Fails this transport's waits with `why` as given, telling no peer (the side channel of a
+  // transport that already did).
+  void fail_pending(const std::string& why);
   Transport& negotiation() override { return negotiation_ ? *negotiation_ : *this; }
 
  private:

@@ -95,6 +95,7 @@ def test_peers_raise_within_2_s_of_a_stalled_rank_giving_up(backend, step):
         assert got.get("type") == "PipelineCommError", got
         assert got["step"] == step and got["peer"] == 1 and not got["timed_out"], got
         assert "rank 1 gave up: stalled" in got["text"], got
+        assert "this rank gave up" not in got["text"], got  # a peer did, not this one
         assert got["raised_at"] - aborted < 2.0, (rank, got["raised_at"] - aborted)
 
 
