@@ -25,6 +25,7 @@ def _grad_buffer(param: torch.Tensor, router: HookRouter | None = None) -> torch
     return param.grad
 
 
+@torch.no_grad()
 def weight_grad_work(
     x: torch.Tensor,
     dy: torch.Tensor,
@@ -36,7 +37,11 @@ def weight_grad_work(
     """dW += dYᵀX and db += Σ dY over all leading dimensions, in one pass over dY, summed in
     fp32 (ppfast.kernels.weight_grad: Triton on a GPU, accumulate-in-place torch ops on CPU).
     ``transposed``: the weight is stored (in, out), as transformers' Conv1D stores it; the
-    kernel then writes through a transposed view of its gradient (it takes any strides)."""
+    kernel then writes through a transposed view of its gradient (it takes any strides).
+
+    Without autograd: it runs at the W, in grad mode, and the saved input requires grad; an
+    in-place add recorded there would turn ``.grad`` into a graph holding every microbatch's
+    input and output gradient until the gradients are cleared."""
     # imported on first use: Triton is heavy to import and settles its mode when it is
     from ppfast.kernels.weight_grad import weight_grad
 
