@@ -6,6 +6,7 @@ from . import checkpoint, nn, parallel, recompute
 from ._native import C as _C  # noqa: F401  (raises with build instructions when missing)
 from .model import ties as _ties  # noqa: F401
 from .model.partition import Split, split
+from .parallel.clip import clip_grad_norm_
 from .program.ir import Action, Kind, Program, loop_placement, parse_action, v_placement
 from .program.lowering import lower
 from .program.schedules import generate, schedule_names
@@ -61,6 +62,7 @@ __all__ = [
     "StepMetrics",
     "build_stage",
     "checkpoint",
+    "clip_grad_norm_",
     "from_pipeline_order",
     "generate",
     "get_schedule_class",

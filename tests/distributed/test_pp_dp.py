@@ -3,8 +3,11 @@
 The model (tests/distributed/gpt2.py): 12 blocks, 32 wide, 2 heads, vocabulary 96, 16
 positions, the head tied to the token embedding. Every run trains it for three SGD (momentum)
 steps on a global batch of 8 microbatches of 2 sequences; the one-device reference trains
-the whole model on the same 8 microbatches, each loss divided by 8. Per-microbatch losses and
-the parameters after the last step must match: fp32, rtol=1e-5, atol=1e-6.
+the whole model on the same 8 microbatches, each loss divided by 8. Before each optimizer step
+the gradients are clipped by their global norm (``ppfast.clip_grad_norm_`` over the stages and,
+for FSDP's shards, the replicas; torch's ``clip_grad_norm_`` on one device), in order 2, 1 or
+inf by variant, to a limit below the norm. Per-microbatch losses, every rank's norm and the
+parameters after the last step must match: fp32, rtol=1e-5, atol=1e-6.
 
 - PP=2 x DP=2 on 4 ranks (``ppfast.parallel.pipeline_mesh``): each replica runs 4
   microbatches, its share of the global batch; ``DataParallelGrads`` averages over the two
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 
 import gpt2
@@ -39,6 +43,10 @@ import ppfast.parallel
 
 RTOL, ATOL = 1e-5, 1e-6
 CFG = gpt2.GPT2Config()
+# clip_grad_norm_'s limit per order: below the gradients' norm at every step (checked)
+MAX_NORMS = {1.0: 50.0, 2.0: 0.5, math.inf: 0.03}
+# clip_grad_norm_'s order per variant (2 elsewhere)
+NORM_TYPES = {"zero-1": math.inf, "ddp": 1.0, "fsdp": math.inf}
 MICROBATCH, GLOBAL_MB, STEPS, LR = 2, 8, 3, 0.05
 BUCKET_MB = 0.02  # a few blocks per bucket, so that several are posted during the step
 SCHEDULES = {
@@ -143,7 +151,7 @@ def train_rank(mesh, schedule: str, variant: str) -> dict:
         return stack
 
     opt = optimizer(params, mesh.dp_group, variant == "zero-1")
-    out = {"losses": [], "posted": []}
+    out = {"losses": [], "posted": [], "norms": []}
     for step in range(STEPS):
         ids, target = mesh.shard(*gpt2.batch(CFG, GLOBAL_MB * MICROBATCH, step))
         if not main:
@@ -159,6 +167,10 @@ def train_rank(mesh, schedule: str, variant: str) -> dict:
         if parts > 1:  # each step took the mean over its own microbatches
             for q in params:
                 q.grad.div_(parts)
+        # the norm of the whole model: every stage, FSDP's shards summed over the replicas
+        order = NORM_TYPES.get(variant, 2.0)
+        norm = ppfast.clip_grad_norm_(sched, MAX_NORMS[order], order, dp_group=mesh.dp_group)
+        out["norms"].append(float(norm))
         out["losses"].append([float(x) for x in losses])
         out["posted"].append(reducer.posted_before_reduce if reducer else None)
         if main:
@@ -218,14 +230,15 @@ def refuse_ddp(mesh) -> str:
 
 
 @functools.cache
-def reference() -> dict:
-    """The whole model on one device, on the global batch's 8 microbatches."""
+def reference(norm_type: float = 2.0) -> dict:
+    """The whole model on one device, on the global batch's 8 microbatches, its gradients
+    clipped to its MAX_NORMS in ``norm_type`` before each step."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         model = gpt2.GPT2(CFG)
         opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-        losses = []
+        losses, norms = [], []
         for step in range(STEPS):
             ids, target = gpt2.batch(CFG, GLOBAL_MB * MICROBATCH, step)
             opt.zero_grad()
@@ -235,8 +248,15 @@ def reference() -> dict:
                 (loss / GLOBAL_MB).backward()
                 step_losses.append(loss.item())
             losses.append(step_losses)
+            norms.append(
+                float(
+                    torch.nn.utils.clip_grad_norm_(
+                        model.parameters(), MAX_NORMS[norm_type], norm_type
+                    )
+                )
+            )
             opt.step()
-        return {"losses": losses, "params": gpt2.named_params(model)}
+        return {"losses": losses, "norms": norms, "params": gpt2.named_params(model)}
     finally:
         torch.set_num_threads(threads)
 
@@ -275,7 +295,12 @@ def merge(per_rank: list[dict], cfg, dp: int) -> list[dict]:
 
 
 def check(per_rank: list[dict], cfg, dp: int) -> None:
-    want = reference()
+    want = reference(NORM_TYPES.get(cfg[1], 2.0))
+    for rank, r in enumerate(per_rank):  # every rank has the one norm of the whole model
+        torch.testing.assert_close(
+            torch.tensor(r[cfg]["norms"]), torch.tensor(want["norms"]), rtol=RTOL, atol=ATOL,
+            msg=lambda e, rank=rank: f"rank {rank}'s gradient norms: {e}",
+        )  # fmt: skip
     replicas = merge(per_rank, cfg, dp)
     losses = [sum((rep["losses"][k] for rep in replicas), []) for k in range(STEPS)]
     torch.testing.assert_close(
@@ -294,6 +319,11 @@ def check(per_rank: list[dict], cfg, dp: int) -> None:
         if d:  # every replica takes the same all-reduced gradients: no drift at all
             for name, t in rep["params"].items():
                 assert torch.equal(t, replicas[0]["params"][name]), f"replicas differ at {name}"
+
+
+@pytest.mark.parametrize("norm_type", sorted(set(NORM_TYPES.values()) | {2.0}))
+def test_every_reference_step_is_clipped(norm_type):
+    assert all(x > MAX_NORMS[norm_type] for x in reference(norm_type)["norms"])
 
 
 @pytest.mark.parametrize(("schedule", "variant"), PP_DP)

@@ -17,12 +17,15 @@ fp32 ``main_grad`` that the optimizer step uses (Megatron style):
 - "one-object": as "direct", with the tied weights one Parameter object on the rank that
   holds both the first and the last stage (V placement).
 
-Each schedule runs at p = 2 and p = 4 with m = 2p, three SGD (momentum) steps; per-microbatch
-losses, every parameter's gradient at every step and the parameters after the last step must
-match the one-device model, where each tie is one Parameter: fp32, rtol=1e-5, atol=1e-6
-(torch.testing.assert_close). One process group per p runs every configuration in turn;
-before them, a tie whose owners disagree on shape is refused with a ValueError on every rank
-before anything is sent (the configurations after it would break otherwise).
+Each schedule runs at p = 2 and p = 4 with m = 2p, three SGD (momentum) steps, each step's
+gradients clipped by ``ppfast.clip_grad_norm_`` to a norm the model's exceeds (the tied
+weights counted once, the main grads scaled); per-microbatch losses, every rank's norm, every
+parameter's gradient at every step and the parameters after the last step must match the
+one-device model clipped by ``torch.nn.utils.clip_grad_norm_``, where each tie is one
+Parameter: fp32, rtol=1e-5, atol=1e-6 (torch.testing.assert_close). One process group per p
+runs every configuration in turn; before them, a tie whose owners disagree on shape is
+refused with a ValueError on every rank before anything is sent (the configurations after
+it would break otherwise).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ import ppfast
 RTOL, ATOL = 1e-5, 1e-6
 VOCAB, DIM, SEQ, MICROBATCH, STEPS, LR = 24, 16, 5, 2, 3, 0.05
 PS = (2, 4)
+MAX_NORM = 0.5  # below the gradients' norm at every step (checked): every step is clipped
 # 1F1B beside every schedule with W actions (auto runs interleaved, two stages per rank)
 SCHEDULES = {
     name: SCHEDULE_CLASSES[name]
@@ -153,22 +157,25 @@ def params_of(stages: dict[int, nn.Module]) -> dict:
 
 
 @functools.cache
-def reference(num_stages: int, m: int) -> dict:
+def reference(num_stages: int, m: int, max_norm: float | None = None) -> dict:
     # tiny ops: with more than one thread the hand-offs cost more than the math
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _reference(num_stages, m)
+        return _reference(num_stages, m, max_norm)
     finally:
         torch.set_num_threads(threads)
 
 
-def _reference(num_stages: int, m: int) -> dict:
-    """Per step the losses and {stage: grads}, then {stage: params}, on one device."""
+def _reference(num_stages: int, m: int, max_norm: float | None) -> dict:
+    """Per step the losses and {stage: grads}, then {stage: params}, on one device; with
+    ``max_norm`` the gradients are clipped to it (and the norms kept) before the optimizer."""
     stages = build(num_stages)
     model = nn.Sequential(*stages)
     opt = optimizer(model.parameters())
     out = {"losses": [], "grads": [], "outputs": []}
+    if max_norm is not None:
+        out["norms"] = []
     for step in range(STEPS):
         ids, target = batch(m, step)
         opt.zero_grad()
@@ -177,6 +184,8 @@ def _reference(num_stages: int, m: int) -> dict:
             loss = loss_fn(model(x), y)
             (loss / m).backward()
             losses.append(loss.item())
+        if max_norm is not None:  # the tied weights are one Parameter here: counted once
+            out["norms"].append(float(nn.utils.clip_grad_norm_(model.parameters(), max_norm)))
         out["losses"].append(losses)
         out["outputs"].append(None)
         out["grads"].append(grads_of(dict(enumerate(stages)), main=False))
@@ -231,7 +240,7 @@ def train_rank(rank: int, p: int, schedule: str, variant: str, m: int) -> dict:
     pstages = [ppfast.PipelineStage(held[s], s, n, "cpu", tied=tied[s]) for s in mine]
     sched = SCHEDULES[schedule](pstages if len(pstages) > 1 else pstages[0], m, loss_fn, timeout=60)
     opt = optimizer(params)
-    out = {"losses": [], "outputs": [], "grads": [], "stages": mine}
+    out = {"losses": [], "outputs": [], "grads": [], "stages": mine, "norms": []}
     for step in range(STEPS):
         ids, target = batch(m, step)
         losses: list = []
@@ -240,6 +249,10 @@ def train_rank(rank: int, p: int, schedule: str, variant: str, m: int) -> dict:
             target=target if n - 1 in mine else None,
             losses=losses,
         )
+        # clipped by the norm of the whole model, the tied weights counted once (main grads);
+        # given the stages rather than the schedule, the ranks agree on the tied owners first
+        clipped = pstages if variant == "hooks" else sched
+        out["norms"].append(float(ppfast.clip_grad_norm_(clipped, MAX_NORM)))
         out["losses"].append([float(x) for x in losses])
         out["outputs"].append(None)
         out["grads"].append(grads_of(held, main=True))
@@ -298,6 +311,11 @@ def group_run():
     return run_once(build)
 
 
+def test_every_reference_step_is_clipped():
+    for n in (2, 4, 8):
+        assert all(x > MAX_NORM for x in reference(n, n, MAX_NORM)["norms"]), n
+
+
 @pytest.mark.parametrize("p", PS)
 def test_mismatched_tie_is_refused_on_every_rank_before_compute(group_run, p):
     for rank, text in enumerate(group_run(p)["refused"]):
@@ -309,7 +327,7 @@ def test_mismatched_tie_is_refused_on_every_rank_before_compute(group_run, p):
 def test_tied_split_backward_matches_one_device(group_run, p, schedule, variant):
     n = 2 * p if schedule in CHUNKED else p
     got = group_run(p)[(schedule, variant, 2 * p)]
-    assert_matches(got, reference(n, 2 * p), RTOL, ATOL, outputs=False)
+    assert_matches(got, reference(n, 2 * p, MAX_NORM), RTOL, ATOL, outputs=False)
 
 
 @pytest.mark.parametrize(("schedule", "variant"), [c[:2] for c in configs(2)])
@@ -318,4 +336,4 @@ def test_tied_split_backward_over_nccl_emu(group_run, schedule, variant):
     p = 2
     n = 2 * p if schedule in CHUNKED else p
     got = group_run(p, "nccl_emu")[(schedule, variant, 2 * p)]
-    assert_matches(got, reference(n, 2 * p), RTOL, ATOL, outputs=False)
+    assert_matches(got, reference(n, 2 * p, MAX_NORM), RTOL, ATOL, outputs=False)

@@ -313,6 +313,8 @@ def merge_ranks(per_rank: list[dict], last_stage: int) -> dict:
         "eval": holder.get("eval"),
         "grads": [{s: g for r in per_rank for s, g in r["grads"][k].items()} for k in range(steps)],
         "params": {s: t for r in per_rank for s, t in r["params"].items()},
+        # what each rank was told the whole model's gradient norm is, where they asked
+        "norms": [r["norms"] for r in per_rank] if "norms" in holder else None,
     }
 
 
@@ -339,3 +341,9 @@ def assert_matches(got: dict, want: dict, rtol: float, atol: float, outputs: boo
             torch.testing.assert_close(got["outputs"][k], want["outputs"][k], rtol=rtol, atol=atol)
         assert_states_close(got["grads"][k], want["grads"][k], f"step {k} grads", rtol, atol)
     assert_states_close(got["params"], want["params"], "params after the last step", rtol, atol)
+    if want.get("norms") is not None:  # every rank has the one norm of the whole model
+        for rank, norms in enumerate(got["norms"]):
+            torch.testing.assert_close(
+                torch.tensor(norms), torch.tensor(want["norms"]), rtol=rtol, atol=atol,
+                msg=lambda e, rank=rank: f"rank {rank}'s gradient norms: {e}",
+            )  # fmt: skip
