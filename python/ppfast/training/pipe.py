@@ -161,6 +161,8 @@ class Pipe:
         )  # fmt: skip
         results: list = [None] * len(self.schedules)
         errors: list[BaseException | None] = [None] * len(self.schedules)
+        # autocast is a thread's state: each rank's thread computes under the caller's
+        autocast = _caller_autocast({d.type for d in self.devices})
 
         # rank streams start after the caller's queued work (its inputs, its optimizer step)
         callers = [_current_stream(d) for d in self.devices]
@@ -172,7 +174,7 @@ class Pipe:
             sched = self.schedules[r]
             on_stream = torch.cuda.stream(self.streams[r]) if self.streams[r] else None
             try:
-                with on_stream or contextlib.nullcontext():
+                with on_stream or contextlib.nullcontext(), _autocast(autocast):
                     results[r] = sched._run_microbatches(*call)
             except BaseException as e:  # noqa: BLE001 - reported below, root cause first
                 errors[r] = e
@@ -209,6 +211,22 @@ class Pipe:
     def write_timeline(self, png=None, trace=None, title=""):
         """Draw the last step as the simulator draws a program (PNG and/or Chrome trace)."""
         write_timeline(self.timeline(), self.schedules[0].program, png, trace, title)
+
+
+def _caller_autocast(device_types: set[str]) -> list[tuple[str, torch.dtype, bool]]:
+    """The autocast regions the calling thread is in, for the devices the ranks compute on."""
+    return [
+        (d, torch.get_autocast_dtype(d), torch.is_autocast_cache_enabled())
+        for d in sorted(device_types)
+        if torch.is_autocast_enabled(d)
+    ]
+
+
+def _autocast(regions: list[tuple[str, torch.dtype, bool]]) -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    for device_type, dtype, cache in regions:
+        stack.enter_context(torch.autocast(device_type, dtype=dtype, cache_enabled=cache))
+    return stack
 
 
 def _resolve_ties(modules: list[nn.Module], tied) -> dict[int, dict[str, nn.Parameter]]:
