@@ -13,16 +13,6 @@ namespace {
 // pair's messages in the order they are posted, as NCCL does.
 constexpr int kTag = 0;
 
-std::string describe(const std::exception_ptr& e) {
-  try {
-    std::rethrow_exception(e);
-  } catch (const std::exception& x) {
-    return x.what();
-  } catch (...) {
-    return "unknown error";
-  }
-}
-
 }  // namespace
 
 // ---------------------------------------------------------------------------- EmuWork
