@@ -1,5 +1,6 @@
 """ppfast.nn.Linear: a drop-in nn.Linear whose weight gradients wait for the schedule's W."""
 
+import contextlib
 import copy
 
 import pytest
@@ -196,6 +197,25 @@ def test_w_actions_carry_the_weight_gradient_work():
     pipe.step(torch.randn(4, 4), target=torch.randn(4, 4))
     assert seen[0] is None  # the first W found no weight gradient yet: I had deferred it
     assert blocks[1][0].weight.grad is not None
+
+
+@pytest.mark.parametrize("in_step", [False, True], ids=["plain", "in a step"])
+def test_autocast_saves_the_weight_not_a_cast_copy(in_step):
+    """Under autocast the layer computes with a bf16 copy of its weight, but keeps only the
+    parameter for its backward: no microbatch holds a second copy from its F to its I."""
+    layer = convert(nn.Sequential(nn.Linear(16, 32)))[0]
+    store = _one_stage(layer)
+    saved: list = []
+    with contextlib.ExitStack() as stack:
+        if in_step:
+            store.begin_step(1)
+        stack.enter_context(torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t) or t, lambda t: t))  # fmt: skip
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(torch.randn(4, 16, requires_grad=True))
+    assert y.dtype == torch.bfloat16
+    big = [t for t in saved if t.shape == layer.weight.shape]
+    assert big and all(t.dtype == torch.float32 for t in big), [t.dtype for t in big]
 
 
 def test_autocast_matches_nn_linear_under_autocast():

@@ -61,11 +61,16 @@ def weight_grad_work(
 
 class _SplitLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, layer, in_step):
+    def forward(ctx, x, weight, bias, layer, in_step, compute_dtype):
+        # the parameter itself is saved, not a cast copy (autocast): I casts it again, so no
+        # microbatch holds a second copy of the weight from its F to its backward
         ctx.save_for_backward(x, weight)
         ctx.layer = layer
         ctx.has_bias = bias is not None
         ctx.in_step = in_step
+        if compute_dtype is not None:
+            weight = weight.to(compute_dtype)
+            bias = bias.to(compute_dtype) if bias is not None else None
         return nn.functional.linear(x, weight, bias)
 
     @staticmethod
@@ -82,17 +87,17 @@ class _SplitLinear(torch.autograd.Function):
             router = store.routing
             t = layer.transposed_weight
             store.put(layer.label, lambda: weight_grad_work(x, dy, layer.weight, bias, router, t))
-            return dx, None, None, None, None
+            return dx, None, None, None, None, None
         if not store.deferring:
             # the store used outside a schedule's step, without W: autograd accumulates now
             dy2 = dy.reshape(-1, dy.shape[-1])
             x2 = x.reshape(-1, x.shape[-1])
-            dw = dy2.t().mm(x2.to(dy2.dtype)) if ctx.needs_input_grad[1] else None
-            db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-            return dx, dw, db, None, None
+            dw = dy2.t().mm(x2.to(dy2.dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+            db = dy2.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+            return dx, dw, db, None, None, None
         t = layer.transposed_weight
         store.put(layer.label, lambda: weight_grad_work(x, dy, layer.weight, bias, None, t))
-        return dx, None, None, None, None
+        return dx, None, None, None, None, None
 
 
 class SplitLayer:
@@ -134,11 +139,9 @@ class SplitLayer:
             weight = weight.t()  # a view: the math is x @ W + b, the gradient W's
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
             with torch.autocast(x.device.type, enabled=False):
-                return _SplitLinear.apply(x, weight, bias, self, in_step)
-        return _SplitLinear.apply(x, weight, bias, self, in_step)
+                return _SplitLinear.apply(x.to(dtype), weight, bias, self, in_step, dtype)
+        return _SplitLinear.apply(x, weight, bias, self, in_step, None)
 
 
 class Linear(SplitLayer, nn.Linear):
