@@ -63,11 +63,13 @@ def train_pipe(schedule: str, p: int, variant: str, m: int) -> dict:
         tied=tied_names(n), **options,
     )  # fmt: skip
     opt = tsb.optimizer(params)
-    got = {"losses": [], "outputs": [], "grads": [], "norms": [[]]}
+    got = {"losses": [], "outputs": [], "grads": [], "norms": [[]], "step_losses": [[]] * p}
     for step in range(tsb.STEPS):
         ids, target = tsb.batch(m, step)
         losses: list = []
-        pipe.step(ids, target=target, losses=losses)
+        pipe.step(ids, target=target, losses=losses, share_loss=True)
+        for r, metrics in enumerate(pipe.last_metrics):  # every rank has the step's loss
+            got["step_losses"][r] = [*got["step_losses"][r], metrics.loss]
         got["norms"][0].append(float(ppfast.clip_grad_norm_(pipe, tsb.MAX_NORM)))
         got["losses"].append([float(x) for x in losses])
         got["outputs"].append(None)

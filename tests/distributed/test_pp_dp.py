@@ -151,7 +151,7 @@ def train_rank(mesh, schedule: str, variant: str) -> dict:
         return stack
 
     opt = optimizer(params, mesh.dp_group, variant == "zero-1")
-    out = {"losses": [], "posted": [], "norms": []}
+    out = {"losses": [], "posted": [], "norms": [], "step_losses": []}
     for step in range(STEPS):
         ids, target = mesh.shard(*gpt2.batch(CFG, GLOBAL_MB * MICROBATCH, step))
         if not main:
@@ -160,8 +160,10 @@ def train_rank(mesh, schedule: str, variant: str) -> dict:
         for part, (x, y) in enumerate(zip(ids.chunk(parts), target.chunk(parts), strict=True)):
             with no_sync() if part < parts - 1 else contextlib.nullcontext():
                 sched.step(
-                    *((x,) if 0 in mine else ()), target=y if n - 1 in mine else None, losses=losses
-                )
+                    *((x,) if 0 in mine else ()), target=y if n - 1 in mine else None,
+                    losses=losses, share_loss=True, loss_dp_group=mesh.dp_group,
+                )  # fmt: skip
+                out["step_losses"].append(sched.last_metrics.loss)
         if reducer is not None:
             reducer.reduce()
         if parts > 1:  # each step took the mean over its own microbatches
@@ -296,6 +298,20 @@ def merge(per_rank: list[dict], cfg, dp: int) -> list[dict]:
 
 def check(per_rank: list[dict], cfg, dp: int) -> None:
     want = reference(NORM_TYPES.get(cfg[1], 2.0))
+    # every rank was told each step's mean loss over all replicas (share_loss, loss_dp_group)
+    reps = merge(per_rank, cfg, dp)
+    parts = 2 if "no-sync" in cfg[1] else 1
+    per = GLOBAL_MB // dp // parts
+    means = [
+        sum(sum(rep["losses"][k][j * per : (j + 1) * per]) / per for rep in reps) / dp
+        for k in range(STEPS)
+        for j in range(parts)
+    ]
+    for rank, r in enumerate(per_rank):
+        torch.testing.assert_close(
+            torch.tensor(r[cfg]["step_losses"]), torch.tensor(means), rtol=RTOL, atol=ATOL,
+            msg=lambda e, rank=rank: f"rank {rank}'s step losses: {e}",
+        )  # fmt: skip
     for rank, r in enumerate(per_rank):  # every rank has the one norm of the whole model
         torch.testing.assert_close(
             torch.tensor(r[cfg]["norms"]), torch.tensor(want["norms"]), rtol=RTOL, atol=ATOL,

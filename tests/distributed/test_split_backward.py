@@ -240,7 +240,7 @@ def train_rank(rank: int, p: int, schedule: str, variant: str, m: int) -> dict:
     pstages = [ppfast.PipelineStage(held[s], s, n, "cpu", tied=tied[s]) for s in mine]
     sched = SCHEDULES[schedule](pstages if len(pstages) > 1 else pstages[0], m, loss_fn, timeout=60)
     opt = optimizer(params)
-    out = {"losses": [], "outputs": [], "grads": [], "stages": mine, "norms": []}
+    out = {"losses": [], "outputs": [], "grads": [], "stages": mine, "norms": [], "step_losses": []}
     for step in range(STEPS):
         ids, target = batch(m, step)
         losses: list = []
@@ -248,7 +248,9 @@ def train_rank(rank: int, p: int, schedule: str, variant: str, m: int) -> dict:
             *((ids,) if 0 in mine else ()),
             target=target if n - 1 in mine else None,
             losses=losses,
+            share_loss=True,
         )
+        out["step_losses"].append(sched.last_metrics.loss)  # on every rank
         # clipped by the norm of the whole model, the tied weights counted once (main grads);
         # given the stages rather than the schedule, the ranks agree on the tied owners first
         clipped = pstages if variant == "hooks" else sched

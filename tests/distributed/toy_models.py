@@ -315,6 +315,8 @@ def merge_ranks(per_rank: list[dict], last_stage: int) -> dict:
         "params": {s: t for r in per_rank for s, t in r["params"].items()},
         # what each rank was told the whole model's gradient norm is, where they asked
         "norms": [r["norms"] for r in per_rank] if "norms" in holder else None,
+        # the step's loss as each rank was told it (step(..., share_loss=True))
+        "step_losses": [r["step_losses"] for r in per_rank] if "step_losses" in holder else None,
     }
 
 
@@ -341,6 +343,13 @@ def assert_matches(got: dict, want: dict, rtol: float, atol: float, outputs: boo
             torch.testing.assert_close(got["outputs"][k], want["outputs"][k], rtol=rtol, atol=atol)
         assert_states_close(got["grads"][k], want["grads"][k], f"step {k} grads", rtol, atol)
     assert_states_close(got["params"], want["params"], "params after the last step", rtol, atol)
+    if got.get("step_losses") is not None:  # every rank has the mean of the step's losses
+        means = torch.tensor([sum(x) / len(x) for x in want["losses"]])
+        for rank, step_losses in enumerate(got["step_losses"]):
+            torch.testing.assert_close(
+                torch.tensor(step_losses), means, rtol=rtol, atol=atol,
+                msg=lambda e, rank=rank: f"rank {rank}'s step losses: {e}",
+            )  # fmt: skip
     if want.get("norms") is not None:  # every rank has the one norm of the whole model
         for rank, norms in enumerate(got["norms"]):
             torch.testing.assert_close(

@@ -21,6 +21,9 @@ class StepMetrics:
         #  "num_actions": 16}
 
     ``bubble`` is 1 - busy / step: the share of the step this rank computed nothing.
+    ``loss`` is the step's loss (the mean of its microbatch losses, or their sum for a loss
+    that weighs microbatches itself) on every rank of the pipeline, when the step was asked
+    for it (``step(..., share_loss=True)``), else None.
     ``actions`` holds every compute action as (text, start, end) from the step's start, and
     ``p2p_latencies`` each transfer's time from posting to being usable. With
     ``torch.profiler`` running, every action is also a range named "ppfast:" + its text
@@ -33,6 +36,7 @@ class StepMetrics:
     bubble: float
     actions: list[tuple[str, float, float]] = field(default_factory=list)
     p2p_latencies: list[float] = field(default_factory=list)
+    loss: float | None = None
 
     @property
     def p2p_p50(self) -> float:
@@ -72,6 +76,7 @@ class StepMetrics:
             "p2p_p50": self.p2p_p50,
             "p2p_p99": self.p2p_p99,
             "num_actions": len(self.actions),
+            **({"loss": self.loss} if self.loss is not None else {}),
         }
 
 
@@ -89,7 +94,10 @@ class DeferredStepMetrics(StepMetrics):
             raise AttributeError(name)
         filled = self._load()
         self._load = None
-        self.__dict__.update({k: getattr(filled, k) for k in self.__dataclass_fields__})
+        # what was set since (the step's loss) stays
+        self.__dict__.update(
+            {k: getattr(filled, k) for k in self.__dataclass_fields__ if k not in self.__dict__}
+        )
         return getattr(self, name)
 
 

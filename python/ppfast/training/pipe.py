@@ -124,12 +124,21 @@ class Pipe:
         losses: list | None = None,
         return_outputs: bool = True,
         loss_kwargs: dict | None = None,
+        share_loss: bool = False,
         **kwargs,
     ):
         """One training step; returns the last stage's outputs merged (see
-        ``PipelineSchedule.step``)."""
+        ``PipelineSchedule.step``). ``share_loss=True`` puts the step's loss into every
+        rank's ``last_metrics`` (``pipe.last_metrics[r].loss``); the ranks are threads of
+        this process, so nothing is sent."""
         extra = {"return_outputs": return_outputs, "loss_kwargs": loss_kwargs}
-        return self._run("step", args, kwargs, target, losses, extra)
+        out = self._run("step", args, kwargs, target, losses, extra)
+        if share_loss:
+            holder = next(s for s in self.schedules if any(st.is_last for st in s.stages))
+            loss = float(holder._step_loss())
+            for sched in self.schedules:
+                sched.last_metrics.loss = loss
+        return out
 
     def eval(self, *args, target=None, losses: list | None = None, **kwargs):
         """A forward-only pass (see ``PipelineSchedule.eval``); returns the outputs."""

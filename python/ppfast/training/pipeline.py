@@ -8,6 +8,7 @@ import torch
 
 from ..program.ir import Kind, Program
 from ..program.schedules import generate, lookup
+from ..runtime.errors import PipelineCommError
 from ..runtime.metrics import StepMetrics, write_timeline
 from ..runtime.runner import RankRunner
 from ..runtime.transports import check_kind, transport_for
@@ -98,6 +99,7 @@ class PipelineSchedule:
         self._runner: RankRunner | None = None
         self._eval_runner: RankRunner | None = None
         self._first_shapes: list | None = None
+        self._losses_summed = False  # the last step's loss weighs microbatches itself
         self.last_metrics: StepMetrics | None = None
         if program is None:
             lookup(self.schedule_name)  # a bad name fails here, not at the first step
@@ -208,6 +210,8 @@ class PipelineSchedule:
         losses: list | None = None,
         return_outputs: bool = True,
         loss_kwargs: dict | None = None,
+        share_loss: bool = False,
+        loss_dp_group=None,
         **kwargs,
     ):
         """One training step over ``n_microbatches`` microbatches of the batch.
@@ -220,13 +224,60 @@ class PipelineSchedule:
         weighting="tokens")``): its losses are then shares of the batch's, and are summed.
         Returns the last stage's outputs merged into one batch on that rank (None elsewhere,
         or with ``return_outputs=False``, which also keeps no outputs during the step).
+
+        ``share_loss=True`` puts the step's loss (the mean of the microbatch losses; their sum
+        for a loss that weighs microbatches) into ``last_metrics.loss`` on every rank of the
+        pipeline, averaged over the data-parallel replicas of ``loss_dp_group`` when given:
+        one broadcast of one number (and one all-reduce), so it is off by default.
         """
         if not torch.is_grad_enabled():
             raise RuntimeError(
                 "step() trains, and gradients are disabled here (torch.no_grad()); use "
                 "schedule.eval(...) for a forward-only pass"
             )
-        return self._run(True, args, kwargs, target, losses, return_outputs, loss_kwargs)
+        out = self._run(True, args, kwargs, target, losses, return_outputs, loss_kwargs)
+        if share_loss:
+            self._share_loss(loss_dp_group)
+        elif loss_dp_group is not None:
+            raise ValueError("loss_dp_group averages the shared loss: pass share_loss=True too")
+        return out
+
+    def _step_loss(self) -> torch.Tensor | None:
+        """The last step's loss on the rank holding the last stage (None elsewhere)."""
+        last = next((s for s in self.stages if s.is_last), None)
+        if last is None:
+            return None
+        total = torch.stack([x.detach().float().reshape(()) for x in last.losses()]).sum()
+        return total if self._losses_summed else total / self.n_microbatches
+
+    def _share_loss(self, dp_group) -> None:
+        import torch.distributed as dist
+
+        from ..runtime.collectives import wait
+
+        if not self._transport_from_group():
+            raise ValueError(
+                "share_loss needs the pipeline's process group; with ppfast.Pipe use "
+                "pipe.step(..., share_loss=True)"
+            )
+        group = self._group()
+        mine = self._step_loss()
+        value = mine if mine is not None else torch.zeros((), device=self.stages[0].device)
+        holder = self._runner.program.stage_to_rank[-1]
+        rank = self._runner.rank
+
+        def fail(why: str, timed_out: bool) -> PipelineCommError:
+            return PipelineCommError(f"rank {rank}: {why}", rank, "share_loss", holder, timed_out)
+
+        value = value.reshape(1).clone()
+        src = dist.get_global_rank(group, holder)
+        wait(dist.broadcast(value, src, group=group, async_op=True), self.timeout, fail,
+             "sharing the step's loss")  # fmt: skip
+        if dp_group is not None:
+            work = dist.all_reduce(value, group=dp_group, async_op=True)
+            wait(work, self.timeout, fail, "averaging the step's loss over the replicas")
+            value /= dist.get_world_size(dp_group)
+        self.last_metrics.loss = float(value)
 
     def eval(self, *args, target=None, losses: list | None = None, **kwargs):
         """A forward-only pass over the batch, pipelined like ``step`` (for validation).
@@ -278,6 +329,7 @@ class PipelineSchedule:
             # a loss that weighs microbatches by their share of the batch (token counts) says
             # so here; its microbatch losses are then summed, not averaged
             weighed = batch_kwargs_of(self.loss_fn, targets)
+            self._losses_summed = weighed is not None
             if weighed is not None:
                 loss_kwargs, scale = {**(loss_kwargs or {}), **weighed}, 1.0
         for s in self.stages:
