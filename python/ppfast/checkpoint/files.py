@@ -148,7 +148,30 @@ def read_manifest(path) -> dict:
             f"{file}: format {manifest.get('format')!r} version {manifest.get('version')} is not "
             f"one this ppfast reads ({FORMAT!r} up to version {VERSION})"
         )
+    for rec in manifest.get("stages", []):
+        for key in ("file", "extra_file"):
+            if rec.get(key) is not None:
+                _confined(file, rec[key])
     return manifest
+
+
+def _confined(manifest_file: str, name: object) -> None:
+    """A file the manifest names must be a plain file name in the checkpoint's own folder: a
+    manifest from elsewhere must not make a load read (or a later save overwrite) a file
+    outside it."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or os.path.basename(name) != name
+        or "/" in name
+        or "\\" in name
+        or "\0" in name
+    ):
+        raise ValueError(
+            f"{manifest_file} names the file {name!r}, which is not a plain file name in the "
+            "checkpoint's folder; the manifest is corrupt or was not written by ppfast"
+        )
 
 
 def require_optimizer(path: str, records: list[dict], hint: str) -> None:
