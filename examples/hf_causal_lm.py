@@ -18,6 +18,11 @@ keeps its own stages, with their layers converted by ``ppfast.nn.convert`` (weig
 wait for the schedule's W). At the end the stages are saved with ``ppfast.checkpoint`` and
 gathered into one ``save_pretrained`` folder (``--out``), which
 ``AutoModelForCausalLM.from_pretrained`` loads.
+
+The loop is a whole training loop's: autocast (``--amp bf16``, or ``fp16`` with
+``ppfast.GradScaler``, whose found-inf is one decision for every rank), gradients clipped by
+the whole model's norm (``--clip``, ``ppfast.clip_grad_norm_``), and the step's loss shared
+with every rank (``share_loss=True``), so rank 0 logs it.
 """
 
 from __future__ import annotations
@@ -55,6 +60,13 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--schedule", default="zb-h1")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    ap.add_argument(
+        "--amp",
+        choices=["off", "bf16", "fp16"],
+        default="off",
+        help="autocast; fp16 scales the loss with ppfast.GradScaler",
+    )
     ap.add_argument("--no-convert", action="store_true", help="keep torch's Linear layers")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="hf_causal_lm_out", help="where the trained model goes")
@@ -196,6 +208,9 @@ def main() -> None:
     )
     params = list({id(q): q for s in mine for q in cut.stages[s].parameters()}.values())
     opt = torch.optim.AdamW(params, lr=args.lr)
+    # fp16: one found-inf decision for all ranks, so every rank skips the same steps
+    scaler = ppfast.GradScaler(sched, enabled=args.amp == "fp16")
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
 
     samples = samples_of(args, tok)
     first, last = 0 in mine, n - 1 in mine
@@ -205,26 +220,31 @@ def main() -> None:
         opt.zero_grad()
         losses: list = []
         t0 = time.perf_counter()
-        sched.step(
-            *((b["input_ids"],) if first else ()),
-            **({"attention_mask": b["attention_mask"]} if first else {}),
-            target=b["labels"] if last else None,
-            losses=losses,
-            return_outputs=False,
-        )
-        opt.step()
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            sched.step(
+                *((b["input_ids"],) if first else ()),
+                **({"attention_mask": b["attention_mask"]} if first else {}),
+                target=b["labels"] if last else None,
+                losses=losses,
+                return_outputs=False,
+                share_loss=True,  # the step's loss on every rank: rank 0 logs it
+            )
+        scaler.unscale_(opt)  # the true gradients, before clipping (nothing without fp16)
+        norm = ppfast.clip_grad_norm_(sched, args.clip) if args.clip else None
+        scaler.step(opt)
+        scaler.update()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
-        if last:
-            loss = sum(losses) if weighting == "tokens" else sum(losses) / len(losses)
+        if rank == 0:
             tokens = int(ppfast.hf.count_tokens(b["labels"]))
             print(
-                f"step {step:3d}  loss {float(loss):.4f}  {times[-1] * 1e3:7.1f} ms  "
-                f"{tokens / times[-1]:8.0f} tokens/s",
+                f"step {step:3d}  loss {sched.last_metrics.loss:.4f}"
+                + (f"  grad norm {float(norm):6.3f}" if norm is not None else "")
+                + f"  {times[-1] * 1e3:7.1f} ms  {tokens / times[-1]:8.0f} tokens/s",
                 flush=True,
             )
-    if last and len(times) > 1:
+    if rank == 0 and len(times) > 1:
         print(f"median step after the first: {statistics.median(times[1:]) * 1e3:.1f} ms")
 
     out = Path(args.out)

@@ -117,7 +117,12 @@ class Net(nn.Module):
         return self.b(torch.relu(self.a(x)))
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
+SCHEDULES = ["gpipe", "1f1b", "interleaved-1f1b", "looped-bfs", "interleaved-zb", "zb-h1",
+             "zb-h2", "zb-v", "dualpipev"]  # fmt: skip
+CHUNKED = {"interleaved-1f1b", "looped-bfs", "interleaved-zb", "zb-v", "dualpipev"}
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
 def test_pipe_ranks_compute_under_the_callers_autocast(schedule):
     """Autocast is per thread: the ranks' threads take the caller's, so bf16 stays bf16.
     Compared with one-device autocast training by flash-attention's rule: the pipeline's
@@ -127,15 +132,17 @@ def test_pipe_ranks_compute_under_the_callers_autocast(schedule):
     def loss_fn(out, target):
         return nn.functional.mse_loss(out.float(), target)
 
+    n = 4 if schedule in CHUNKED else 2
+
     def one_device(autocast: bool):
-        stages = [Net(), Net()]
+        stages = [Net() for _ in range(n)]
         model = nn.Sequential(*stages)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             for xs, ys in zip(x.chunk(4), y.chunk(4), strict=True):
                 (loss_fn(model(xs), ys) / 4).backward()
         return grads(stages)
 
-    stages = [ppfast.nn.convert(Net()), ppfast.nn.convert(Net())]
+    stages = [ppfast.nn.convert(Net()) for _ in range(n)]
     pipe = ppfast.Pipe(stages, ["cpu"] * 2, chunks=4, schedule=schedule, loss_fn=loss_fn)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = pipe.step(x, target=y)

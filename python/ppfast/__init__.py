@@ -17,9 +17,10 @@ from .runtime.errors import PipelineCommError
 from .runtime.metrics import StepMetrics
 from .runtime.runner import RankRunner
 from .training.batch_loss import BatchLoss
+from .training.grad_scaler import GradScaler
 from .training.pipe import Pipe
-from .training.pipeline import (
-    PipelineSchedule,
+from .training.pipeline import PipelineSchedule
+from .training.schedule_classes import (
     Schedule1F1B,
     ScheduleAuto,
     ScheduleDualPipeV,
@@ -39,6 +40,7 @@ from .training.traced import build_stage
 __all__ = [
     "Action",
     "BatchLoss",
+    "GradScaler",
     "Costs",
     "Kind",
     "Pipe",

@@ -35,6 +35,7 @@ import os
 import gpt2
 import pytest
 import torch
+import torch.nn.functional as F
 from ranks import run_once, run_ranks
 from test_split_backward import main_grad_step, megatron_hook
 
@@ -77,6 +78,10 @@ PP_DP = [
     ("zb-v", "split"),
     ("zb-v", "split+main-grad"),
     ("zb-v", "split+no-overlap"),
+    # the loss is the global batch's token mean: padding (-100) falls unevenly between the
+    # replicas, and the count of tokens is summed over them (BatchLoss with dp_group)
+    ("1f1b", "tokens"),
+    ("zb-v", "tokens+split"),
 ]
 PP_ONLY = [("1f1b", "plain"), ("zb-v", "split")]
 
@@ -134,7 +139,10 @@ def train_rank(mesh, schedule: str, variant: str) -> dict:
                 q.register_post_accumulate_grad_hook(megatron_hook)
     # "no-sync": each optimizer step accumulates two steps of half the microbatches
     parts = 2 if "no-sync" in variant else 1
-    sched = SCHEDULES[schedule](stages if len(stages) > 1 else stages[0], m // parts, gpt2.loss_fn)
+    loss_fn = gpt2.loss_fn
+    if "tokens" in variant:
+        loss_fn = ppfast.BatchLoss(token_share, count_tokens, dp_group=mesh.dp_group)
+    sched = SCHEDULES[schedule](stages if len(stages) > 1 else stages[0], m // parts, loss_fn)
     if ddp or fsdp:
         reducer = None
     else:
@@ -153,7 +161,7 @@ def train_rank(mesh, schedule: str, variant: str) -> dict:
     opt = optimizer(params, mesh.dp_group, variant == "zero-1")
     out = {"losses": [], "posted": [], "norms": [], "step_losses": []}
     for step in range(STEPS):
-        ids, target = mesh.shard(*gpt2.batch(CFG, GLOBAL_MB * MICROBATCH, step))
+        ids, target = mesh.shard(*step_batch(step, "tokens" in variant))
         if not main:
             opt.zero_grad()
         losses: list = []
@@ -231,10 +239,31 @@ def refuse_ddp(mesh) -> str:
     return "accepted"
 
 
+def step_batch(step: int, padded: bool):
+    """The global batch; ``padded``: the first half of the sequences (the first replica's)
+    count only their first quarter of tokens, the rest are -100."""
+    ids, target = gpt2.batch(CFG, GLOBAL_MB * MICROBATCH, step)
+    if padded:
+        target = target.clone()
+        target[: len(target) // 2, CFG.seq // 4 :] = -100
+    return ids, target
+
+
+def count_tokens(targets) -> dict:
+    return {"num_items_in_batch": sum(int((t != -100).sum()) for t in targets)}
+
+
+def token_share(logits, target, num_items_in_batch):
+    """This microbatch's share of the batch's token mean."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    return F.cross_entropy(flat, target.reshape(-1), reduction="sum") / num_items_in_batch
+
+
 @functools.cache
-def reference(norm_type: float = 2.0) -> dict:
+def reference(norm_type: float = 2.0, tokens: bool = False) -> dict:
     """The whole model on one device, on the global batch's 8 microbatches, its gradients
-    clipped to its MAX_NORMS in ``norm_type`` before each step."""
+    clipped to its MAX_NORMS in ``norm_type`` before each step. ``tokens``: padded, and the
+    loss is the global batch's token mean (each microbatch's loss: its share of it)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -242,12 +271,17 @@ def reference(norm_type: float = 2.0) -> dict:
         opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
         losses, norms = [], []
         for step in range(STEPS):
-            ids, target = gpt2.batch(CFG, GLOBAL_MB * MICROBATCH, step)
+            ids, target = step_batch(step, tokens)
+            total = count_tokens([target])["num_items_in_batch"]
             opt.zero_grad()
             step_losses = []
             for x, y in zip(ids.chunk(GLOBAL_MB), target.chunk(GLOBAL_MB), strict=True):
-                loss = gpt2.loss_fn(model(x), y)
-                (loss / GLOBAL_MB).backward()
+                if tokens:
+                    loss = token_share(model(x), y, total)
+                    loss.backward()
+                else:
+                    loss = gpt2.loss_fn(model(x), y)
+                    (loss / GLOBAL_MB).backward()
                 step_losses.append(loss.item())
             losses.append(step_losses)
             norms.append(
@@ -297,7 +331,8 @@ def merge(per_rank: list[dict], cfg, dp: int) -> list[dict]:
 
 
 def check(per_rank: list[dict], cfg, dp: int) -> None:
-    want = reference(NORM_TYPES.get(cfg[1], 2.0))
+    tokens = "tokens" in cfg[1]
+    want = reference(NORM_TYPES.get(cfg[1], 2.0), tokens)
     # every rank was told each step's mean loss over all replicas (share_loss, loss_dp_group)
     reps = merge(per_rank, cfg, dp)
     parts = 2 if "no-sync" in cfg[1] else 1
@@ -307,6 +342,8 @@ def check(per_rank: list[dict], cfg, dp: int) -> None:
         for k in range(STEPS)
         for j in range(parts)
     ]
+    if tokens:  # the replicas' losses are shares of one global token mean: summed
+        means = [sum(sum(rep["losses"][k]) for rep in reps) for k in range(STEPS)]
     for rank, r in enumerate(per_rank):
         torch.testing.assert_close(
             torch.tensor(r[cfg]["step_losses"]), torch.tensor(means), rtol=RTOL, atol=ATOL,
@@ -337,9 +374,10 @@ def check(per_rank: list[dict], cfg, dp: int) -> None:
                 assert torch.equal(t, replicas[0]["params"][name]), f"replicas differ at {name}"
 
 
+@pytest.mark.parametrize("tokens", [False, True])
 @pytest.mark.parametrize("norm_type", sorted(set(NORM_TYPES.values()) | {2.0}))
-def test_every_reference_step_is_clipped(norm_type):
-    assert all(x > MAX_NORMS[norm_type] for x in reference(norm_type)["norms"])
+def test_every_reference_step_is_clipped(norm_type, tokens):
+    assert all(x > MAX_NORMS[norm_type] for x in reference(norm_type, tokens)["norms"])
 
 
 @pytest.mark.parametrize(("schedule", "variant"), PP_DP)

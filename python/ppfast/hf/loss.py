@@ -39,15 +39,20 @@ class CausalLMLoss:
     ``weighting="microbatch"`` (the default) returns the microbatch's mean over its counted
     tokens; ``weighting="tokens"`` makes the schedule pass ``num_items_in_batch`` (the batch's
     count) and returns the microbatch's sum divided by it, so that padded batches give the
-    whole batch's token mean. ``num_items_in_batch`` may also be given by hand (as
-    transformers' Trainer passes it), in either weighting.
+    whole batch's token mean. With ``dp_group`` the count is the global batch's, summed over
+    the data-parallel replicas (see :mod:`ppfast.training.batch_loss`).
+    ``num_items_in_batch`` may also be given by hand (as transformers' Trainer passes it),
+    in either weighting.
     """
 
-    def __init__(self, weighting: str = "microbatch", ignore_index: int = -100):
+    def __init__(self, weighting: str = "microbatch", ignore_index: int = -100, dp_group=None):
         if weighting not in _WEIGHTINGS:
             raise ValueError(f"weighting must be one of {_WEIGHTINGS}, got {weighting!r}")
+        if dp_group is not None and weighting != "tokens":
+            raise ValueError('dp_group counts tokens over the replicas: use weighting="tokens"')
         self.weighting = weighting
         self.ignore_index = ignore_index
+        self.dp_group = dp_group  # the count spans these replicas' batches
 
     def __call__(
         self,

@@ -22,8 +22,14 @@ any loss function this way::
     count = lambda targets: {"num_items_in_batch": sum(int((t != -100).sum()) for t in targets)}
     sched = ppfast.Schedule1F1B(stage, 4, loss_fn=ppfast.BatchLoss(token_sum, count))
 
-Data-parallel replicas each count their own batch: their gradients are averaged as they are,
-so across replicas the weighting is per replica, not per token.
+Across data-parallel replicas the same holds once the count is the global batch's: give the
+loss a ``dp_group`` (``BatchLoss(..., dp_group=mesh.dp_group)``, or any loss_fn with a
+``dp_group`` attribute, as ``ppfast.hf.CausalLMLoss(weighting="tokens", dp_group=...)``).
+The schedule then sums every number ``batch_kwargs`` returned over the replicas (one
+all-reduce on the last stage's rank, before the step), and scales the gradients by the
+number of replicas, which the replicas' gradient averaging divides out again. Every token of
+the global batch then weighs alike, however the padding falls between replicas. Without a
+``dp_group`` each replica counts its own batch, and their means are averaged.
 """
 
 from __future__ import annotations
@@ -36,11 +42,12 @@ class BatchLoss:
     it returns goes to every ``loss_fn(output, target, **kwargs)`` call of the step, and the
     schedule sums the microbatch losses instead of averaging them (see the module's text)."""
 
-    def __init__(self, loss_fn: Callable, batch_kwargs: Callable[[Sequence], dict]):
+    def __init__(self, loss_fn: Callable, batch_kwargs: Callable[[Sequence], dict], dp_group=None):
         if not callable(loss_fn) or not callable(batch_kwargs):
             raise TypeError("BatchLoss takes a loss function and a batch_kwargs function")
         self.loss_fn = loss_fn
         self._batch_kwargs = batch_kwargs
+        self.dp_group = dp_group
 
     def batch_kwargs(self, targets: Sequence) -> dict:
         return self._batch_kwargs(targets)
@@ -52,10 +59,13 @@ class BatchLoss:
         return f"BatchLoss({self.loss_fn!r})"
 
 
-def batch_kwargs_of(loss_fn: Callable | None, targets: Sequence | None) -> dict | None:
-    """What ``loss_fn`` asks every microbatch's call to get this step, or None for a loss
-    averaged over the microbatches (no ``batch_kwargs``, it returned None, or no targets
-    here: a rank without the last stage)."""
+def batch_kwargs_of(
+    loss_fn: Callable | None, targets: Sequence | None, timeout: float = 300.0
+) -> tuple[dict, int] | None:
+    """What ``loss_fn`` asks every microbatch's call to get this step, summed over its
+    ``dp_group``'s replicas when it has one, and the number of those replicas; None for a
+    loss averaged over the microbatches (no ``batch_kwargs``, it returned None, or no
+    targets here: a rank without the last stage)."""
     ask = getattr(loss_fn, "batch_kwargs", None)
     if ask is None or targets is None:
         return None
@@ -67,4 +77,37 @@ def batch_kwargs_of(loss_fn: Callable | None, targets: Sequence | None) -> dict 
             f"{type(loss_fn).__name__}.batch_kwargs must return a dict of keyword arguments "
             f"for the loss (or None), got {type(got).__name__}"
         )
-    return got
+    group = getattr(loss_fn, "dp_group", None)
+    if group is None:
+        return got, 1
+    return _summed_over(got, group, timeout)
+
+
+def _summed_over(kwargs: dict, group, timeout: float) -> tuple[dict, int]:
+    """Every number in ``kwargs`` summed over ``group`` (one all-reduce, in fp64)."""
+    import torch
+    import torch.distributed as dist
+
+    from ..runtime.collectives import wait
+    from ..runtime.errors import PipelineCommError
+
+    keys = [k for k, v in kwargs.items() if isinstance(v, (int, float, torch.Tensor))]
+    if any(isinstance(kwargs[k], torch.Tensor) and kwargs[k].numel() != 1 for k in keys):
+        raise ValueError("batch_kwargs summed over a dp_group must be numbers or 1-element tensors")
+    size = dist.get_world_size(group)
+    if not keys or size == 1:
+        return kwargs, size
+    values = torch.tensor([float(kwargs[k]) for k in keys], dtype=torch.float64)
+    if dist.get_backend(group) == "nccl":
+        values = values.cuda()
+    rank = dist.get_rank(group)
+
+    def fail(why: str, timed_out: bool) -> PipelineCommError:
+        return PipelineCommError(f"rank {rank}: {why}", rank, "batch_kwargs", -1, timed_out)
+
+    work = dist.all_reduce(values, group=group, async_op=True)
+    wait(work, timeout, fail, "summing the batch's counts over the data-parallel replicas")
+    out = dict(kwargs)
+    for k, v in zip(keys, values.tolist(), strict=True):
+        out[k] = int(v) if isinstance(kwargs[k], int) else v
+    return out, size

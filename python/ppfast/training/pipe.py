@@ -18,6 +18,7 @@ from ..runtime.threads import ThreadGroup
 from .microbatch import split_batch, split_target
 from .pipeline import PipelineSchedule
 from .stage import PipelineStage
+from .step_loss import step_loss
 
 
 class Pipe:
@@ -116,6 +117,7 @@ class Pipe:
             sched._transport = C.InProcessTransport(self.hub, r)
             sched._tie_group = self.tie_group
             sched._runner = sched._eval_runner = None
+            sched._broken = None
 
     def step(
         self,
@@ -135,7 +137,7 @@ class Pipe:
         out = self._run("step", args, kwargs, target, losses, extra)
         if share_loss:
             holder = next(s for s in self.schedules if any(st.is_last for st in s.stages))
-            loss = float(holder._step_loss())
+            loss = float(step_loss(holder))
             for sched in self.schedules:
                 sched.last_metrics.loss = loss
         return out

@@ -18,6 +18,7 @@ from .grad_hooks import HookRouter
 from .host_memory import keep_freed_memory
 from .microbatch import merge_outputs, split_batch, split_target
 from .stage import PipelineStage
+from .step_loss import share_step_loss
 
 
 class _RankCompute:
@@ -100,6 +101,9 @@ class PipelineSchedule:
         self._eval_runner: RankRunner | None = None
         self._first_shapes: list | None = None
         self._losses_summed = False  # the last step's loss weighs microbatches itself
+        self._counted_over_replicas = False  # ... by counts summed over the replicas
+        self._loss_scaler = None  # a ppfast.GradScaler that scales this schedule's loss
+        self._broken: str | None = None  # why a step failed, after which none may run
         self.last_metrics: StepMetrics | None = None
         if program is None:
             lookup(self.schedule_name)  # a bad name fails here, not at the first step
@@ -237,47 +241,10 @@ class PipelineSchedule:
             )
         out = self._run(True, args, kwargs, target, losses, return_outputs, loss_kwargs)
         if share_loss:
-            self._share_loss(loss_dp_group)
+            share_step_loss(self, loss_dp_group)
         elif loss_dp_group is not None:
             raise ValueError("loss_dp_group averages the shared loss: pass share_loss=True too")
         return out
-
-    def _step_loss(self) -> torch.Tensor | None:
-        """The last step's loss on the rank holding the last stage (None elsewhere)."""
-        last = next((s for s in self.stages if s.is_last), None)
-        if last is None:
-            return None
-        total = torch.stack([x.detach().float().reshape(()) for x in last.losses()]).sum()
-        return total if self._losses_summed else total / self.n_microbatches
-
-    def _share_loss(self, dp_group) -> None:
-        import torch.distributed as dist
-
-        from ..runtime.collectives import wait
-
-        if not self._transport_from_group():
-            raise ValueError(
-                "share_loss needs the pipeline's process group; with ppfast.Pipe use "
-                "pipe.step(..., share_loss=True)"
-            )
-        group = self._group()
-        mine = self._step_loss()
-        value = mine if mine is not None else torch.zeros((), device=self.stages[0].device)
-        holder = self._runner.program.stage_to_rank[-1]
-        rank = self._runner.rank
-
-        def fail(why: str, timed_out: bool) -> PipelineCommError:
-            return PipelineCommError(f"rank {rank}: {why}", rank, "share_loss", holder, timed_out)
-
-        value = value.reshape(1).clone()
-        src = dist.get_global_rank(group, holder)
-        wait(dist.broadcast(value, src, group=group, async_op=True), self.timeout, fail,
-             "sharing the step's loss")  # fmt: skip
-        if dp_group is not None:
-            work = dist.all_reduce(value, group=dp_group, async_op=True)
-            wait(work, self.timeout, fail, "averaging the step's loss over the replicas")
-            value /= dist.get_world_size(dp_group)
-        self.last_metrics.loss = float(value)
 
     def eval(self, *args, target=None, losses: list | None = None, **kwargs):
         """A forward-only pass over the batch, pipelined like ``step`` (for validation).
@@ -321,6 +288,17 @@ class PipelineSchedule:
         """A step (or an eval pass) over a batch already split into microbatches."""
         m = self.n_microbatches
         last = next((s for s in self.stages if s.is_last), None)
+        if self._broken is not None:
+            raise PipelineCommError(
+                f"an earlier step of this schedule failed ({self._broken}); its ranks may have "
+                "stopped anywhere in that step, so this schedule cannot step again: end the "
+                "process group on every rank, start it again and build the schedule anew (or "
+                "resume from a checkpoint)",
+                self._runner.rank if self._runner else -1,
+                "step",
+                -1,
+                False,
+            )
         if self._runner is None:
             self._setup()
         runner = self._runner if training else self._forward_runner()
@@ -328,10 +306,14 @@ class PipelineSchedule:
         if last is not None:
             # a loss that weighs microbatches by their share of the batch (token counts) says
             # so here; its microbatch losses are then summed, not averaged
-            weighed = batch_kwargs_of(self.loss_fn, targets)
+            weighed = batch_kwargs_of(self.loss_fn, targets, self.timeout)
             self._losses_summed = weighed is not None
+            self._counted_over_replicas = weighed is not None and weighed[1] > 1
             if weighed is not None:
-                loss_kwargs, scale = {**(loss_kwargs or {}), **weighed}, 1.0
+                # counted over the replicas too: their gradient averaging divides this out
+                loss_kwargs, scale = {**(loss_kwargs or {}), **weighed[0]}, float(weighed[1])
+            if training and self._loss_scaler is not None:  # fp16: ppfast.GradScaler
+                scale = self._loss_scaler.loss_scale(scale, last.device)
         for s in self.stages:
             s.prepare(
                 m,
@@ -348,7 +330,12 @@ class PipelineSchedule:
         if training:
             for hooks in self._hooks:
                 hooks.begin_step()
-        self.last_metrics = runner.step()
+        try:
+            self.last_metrics = runner.step()
+        except BaseException as e:
+            # peers may be anywhere in the step: what the transport holds cannot be trusted
+            self._broken = f"{type(e).__name__}: {e}"
+            raise
         for s in self.stages:
             s.check_clean()
             s.finish_step()
@@ -402,44 +389,3 @@ class PipelineSchedule:
     def write_timeline(self, timeline, png=None, trace=None, title=""):
         """Draw ``timeline`` (from :meth:`gather_timeline`) as the simulator draws a program."""
         write_timeline(timeline, self.program, png, trace, title or self.schedule_name)
-
-
-def _schedule(cls_name: str, name: str, doc: str) -> type[PipelineSchedule]:
-    return type(cls_name, (PipelineSchedule,), {"schedule_name": name, "__doc__": doc})
-
-
-ScheduleGPipe = _schedule("ScheduleGPipe", "gpipe", "GPipe: all forwards, then all backwards.")
-Schedule1F1B = _schedule("Schedule1F1B", "1f1b", "1F1B: one forward, one backward.")
-ScheduleInterleaved1F1B = _schedule(
-    "ScheduleInterleaved1F1B", "interleaved-1f1b", "Interleaved 1F1B: several stages per rank."
-)
-ScheduleInterleavedZeroBubble = _schedule(
-    "ScheduleInterleavedZeroBubble", "interleaved-zb", "Interleaved zero bubble (I/W split)."
-)
-ScheduleZBVZeroBubble = _schedule(
-    "ScheduleZBVZeroBubble", "zb-v", "ZB-V: V placement, two stages per rank."
-)
-ScheduleDualPipeV = _schedule("ScheduleDualPipeV", "dualpipev", "DeepSeek's DualPipeV.")
-ScheduleLoopedBFS = _schedule(
-    "ScheduleLoopedBFS", "looped-bfs", "Looped BFS: several stages per rank, breadth first."
-)
-ScheduleZBH1 = _schedule("ScheduleZBH1", "zb-h1", "Zero bubble H1 (1F1B memory).")
-ScheduleZBH2 = _schedule("ScheduleZBH2", "zb-h2", "Zero bubble H2 (2p-1 in flight).")
-ScheduleAuto = _schedule(
-    "ScheduleAuto", "auto", "Searched from costs (costs=, mem_cap= keyword options)."
-)
-
-
-def get_schedule_class(name: str) -> type[PipelineSchedule]:
-    """The schedule class for ``name``, like torch's ``get_schedule_class``: torch's names
-    ("1F1B", "Interleaved1F1B", "ZBVZeroBubble", ...) and ppfast's ("zb-h1", "auto", ...),
-    without regard to case, '-' or '_'."""
-    spec = lookup(name)  # an unknown name fails here, listing the known ones
-    for cls in (
-        ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B, ScheduleLoopedBFS,
-        ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble, ScheduleDualPipeV, ScheduleZBH1,
-        ScheduleZBH2, ScheduleAuto,
-    ):  # fmt: skip
-        if cls.schedule_name == spec.name:
-            return cls
-    return _schedule(f"Schedule_{spec.name}", spec.name, spec.summary)
