@@ -116,12 +116,18 @@ class SplitLayer:
     its AccumulateGrad node such as DDP's) fire once per step in a split schedule, after the
     stage's last W, with the step's whole gradient of that stage, which then goes to ``.grad``
     as autograd would put it (see :class:`~ppfast.training.grad_hooks.HookRouter`).
+
+    Under ``torch.compile`` the layer runs eagerly, a graph break on each side: its backward
+    hands the weight-gradient work to the stage's store for a later W, a side effect that
+    AOTAutograd cannot put in a compiled backward. The code between split layers (norms,
+    attention, activations) compiles; the layer's own matmuls are the same kernels either way.
     """
 
     weight_store: WeightGradStore | None = None
     label: str = "Linear"
     transposed_weight: bool = False
 
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         store = self.weight_store
         if store is None or not store.enabled or not torch.is_grad_enabled():

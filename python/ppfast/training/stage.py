@@ -206,13 +206,8 @@ class PipelineStage:
             )
             args, kwargs = leaves, {}
         saved: set[int] = set()
-
-        def pack(t: torch.Tensor):
-            if t.device.type != "meta":
-                saved.add(t.untyped_storage().data_ptr())
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), self._dp.forward():
+        pack = _recorder(saved)
+        with torch.autograd.graph.saved_tensors_hooks(pack, _unpack), self._dp.forward():
             out = self.submod(*args, **kwargs)
         if self.is_last:
             self._finish_last(mb, out, leaves)
@@ -222,6 +217,8 @@ class PipelineStage:
             self._check_meta("output", outs)
         self._inputs[mb] = leaves
         self._outputs[mb] = outs
+        if _HOOKS_MISS_COMPILED and _runs_compiled(self.submod):
+            return [o.detach() for o in outs], False  # what compiled code saved is unknown
         return [o.detach() for o in outs], _releasable(outs, saved | _storages((args, kwargs)))
 
     def _forward_only(self, mb: int, inputs: Sequence[torch.Tensor] | None):
@@ -326,6 +323,38 @@ class PipelineStage:
         dw = self._dw.pop(mb, None)
         if dw is not None:
             dw()
+
+
+# Before torch 2.8, compiled code (torch.compile) saves tensors for its backward without
+# calling the saved-tensors hooks, so the stage cannot see whether an output is among them.
+_HOOKS_MISS_COMPILED = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 8)
+
+
+def _runs_compiled(module: nn.Module) -> bool:
+    """Does ``module`` hold a compiled module (``torch.compile(m)`` or ``m.compile()``)?"""
+    return any(
+        getattr(m, "_compiled_call_impl", None) is not None or hasattr(m, "_orig_mod")
+        for m in module.modules()
+    )
+
+
+def _recorder(saved: set[int]):
+    """A saved-tensors pack hook that notes where each saved tensor keeps its memory. Compiled
+    code (torch.compile) calls it at run time for what its graph saves: it must not be traced
+    itself, or it would be compiled again for every shape it sees."""
+
+    @torch.compiler.disable
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.device.type != "meta":
+            saved.add(t.untyped_storage().data_ptr())
+        return t
+
+    return pack
+
+
+@torch.compiler.disable
+def _unpack(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def _storages(tree) -> set[int]:
