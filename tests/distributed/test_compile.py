@@ -1,7 +1,8 @@
 """torch.compile'd stages (inductor, on CPU) train like eager ones, under every schedule.
 
 The toy transformer (tests/distributed/toy_models.py, 2p blocks, Linear layers converted by
-ppfast.nn.convert: split backward under the zero-bubble schedules) on 2 gloo ranks, three
+ppfast.nn.convert: split backward under the zero-bubble schedules) on 2 gloo ranks (and four
+cases on 4 ranks, and three schedules in ppfast.Pipe, ranks as threads), three
 ways: each block compiled (``block.compile()``), each block compiled and checkpointed
 (``ppfast.recompute.checkpoint_blocks``), and each stage module compiled whole
 (``torch.compile(stage)``). Every schedule takes two steps of m = 2p microbatches; the losses
@@ -74,18 +75,18 @@ def train_all(rank: int, p: int, todo: list) -> dict:
 
 
 @functools.cache
-def reference(schedule: str) -> dict:
+def reference(schedule: str, p: int = P) -> dict:
     """Eager, one device, the same steps (gradients cleared between them, no optimizer)."""
-    n = tm.num_stages_of(schedule, P)
-    chains = tm.split_stages(tm.build_blocks(MODEL, 2 * P), n)
+    n = tm.num_stages_of(schedule, p)
+    chains = tm.split_stages(tm.build_blocks(MODEL, 2 * p), n)
     model = torch.nn.Sequential(*chains)
     out = {"losses": [], "grads": []}
     for step in range(STEPS):
-        inputs, target = tm.batch(MODEL, 2 * P, step)
+        inputs, target = tm.batch(MODEL, 2 * p, step)
         losses = []
-        for x, y in zip(inputs[0].chunk(2 * P), target.chunk(2 * P), strict=True):
+        for x, y in zip(inputs[0].chunk(2 * p), target.chunk(2 * p), strict=True):
             loss = tm.loss_fn_of(MODEL)(model(x), y)
-            (loss / (2 * P)).backward()
+            (loss / (2 * p)).backward()
             losses.append(loss.item())
         out["losses"].append(losses)
         out["grads"].append(tm.stage_state(dict(enumerate(chains)), "grad"))
@@ -94,22 +95,30 @@ def reference(schedule: str) -> dict:
 
 
 CASES = [(s, v) for s in tm.SCHEDULE_CLASSES for v in VARIANTS]
+CASES_4 = [
+    ("1f1b", "blocks"),
+    ("zb-h1", "blocks+checkpoint"),
+    ("zb-v", "stage"),
+    ("interleaved-zb", "blocks"),
+]
 
 
 @pytest.fixture(scope="module")
 def group_run():
     # compiling on two busy cores takes a while: one group runs every case in turn
-    return run_once(lambda: run_ranks(train_all, P, CASES, timeout=900))
+    return run_once(lambda p=P: run_ranks(train_all, p, CASES if p == P else CASES_4, timeout=900))
 
 
 def test_the_stages_did_compile(group_run):
     assert all(r["graphs"] > 0 for r in group_run())
 
 
-@pytest.mark.parametrize(("schedule", "variant"), CASES)
-def test_compiled_stages_match_eager_one_device(group_run, schedule, variant):
-    want = reference(schedule)
-    per_rank = group_run()
+@pytest.mark.parametrize(
+    ("p", "schedule", "variant"), [(P, *c) for c in CASES] + [(4, *c) for c in CASES_4]
+)
+def test_compiled_stages_match_eager_one_device(group_run, p, schedule, variant):
+    want = reference(schedule, p)
+    per_rank = group_run(p)
     for step in range(STEPS):
         losses = next(
             r[(schedule, variant)]["losses"][step]
@@ -129,3 +138,30 @@ def test_compiled_stages_match_eager_one_device(group_run, schedule, variant):
                         atol=ATOL,
                         msg=lambda e, s=s, n=name, k=step: f"step {k}, stage {s}, {n}: {e}",
                     )
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1", "zb-v"])
+def test_compiled_blocks_in_pipe_match_eager(schedule):
+    """ppfast.Pipe: the ranks are threads of this process, compiling and running side by side."""
+    n = tm.num_stages_of(schedule, 2)
+    chains = [_compiled(c, "blocks") for c in tm.split_stages(tm.build_blocks(MODEL, 4), n)]
+    pipe = ppfast.Pipe(
+        chains, ["cpu"] * 2, chunks=4, schedule=schedule, loss_fn=tm.loss_fn_of(MODEL), timeout=300
+    )
+    want = reference(schedule)
+    for step in range(STEPS):
+        inputs, target = tm.batch(MODEL, 4, step)
+        losses: list = []
+        pipe.step(*inputs, target=target, losses=losses)
+        torch.testing.assert_close(
+            torch.tensor([float(x) for x in losses]),
+            torch.tensor(want["losses"][step]),
+            rtol=RTOL,
+            atol=ATOL,
+        )
+        for s, chain in enumerate(chains):
+            for name, q in chain.named_parameters():
+                torch.testing.assert_close(
+                    q.grad, want["grads"][step][s][name], rtol=RTOL, atol=ATOL
+                )
+            chain.zero_grad(set_to_none=True)

@@ -9,6 +9,9 @@ The reference is the unsplit model on one device with torch.amp.GradScaler and t
 poisoned gradient. The model runs in fp32 and the scale is a power of two, so scaling is
 exact: losses, scales and parameters must match to rtol 1e-5. A rank's own torch GradScaler
 would have stepped where the poisoned rank skipped, and the parameters would differ.
+
+Real fp16 compute (fp16 autocast on CPU, no inf) is checked apart by the low-precision rule:
+the parameters off the fp32 run by at most twice torch's own fp16 training.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ def poison(module: nn.Module) -> None:
     module[0].weight.grad[0, 0] = float("inf")
 
 
-def train(rank: int, world: int, schedule: str, dp: int) -> dict:
+def train(rank: int, world: int, schedule: str, dp: int, fp16: bool = False) -> dict:
     mesh = ppfast.parallel.pipeline_mesh(pp=world // dp, dp=dp, device_type="cpu")
     n = 4 if schedule == "zb-v" else 2
     where = ppfast.v_placement(2) if schedule == "zb-v" else ppfast.loop_placement(2, 1)
@@ -64,10 +67,13 @@ def train(rank: int, world: int, schedule: str, dp: int) -> dict:
         x, y = mesh.shard(*batch(step, M))
         opt.zero_grad()
         losses: list = []
-        sched.step(*((x,) if 0 in mine else ()), target=y if n - 1 in mine else None, losses=losses)
+        with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+            sched.step(
+                *((x,) if 0 in mine else ()), target=y if n - 1 in mine else None, losses=losses
+            )
         if reducer is not None:
             reducer.reduce()
-        if step == POISON_STEP and mesh.dp_rank == 0 and n - 1 in mine:
+        if step == POISON_STEP and mesh.dp_rank == 0 and n - 1 in mine and not fp16:
             poison(held[mine.index(n - 1)])  # one rank of one replica only
         scaler.step(opt)
         scaler.update()
@@ -83,21 +89,25 @@ def train(rank: int, world: int, schedule: str, dp: int) -> dict:
 
 
 @functools.cache
-def reference(n: int) -> dict:
+def reference(n: int, fp16: bool = False, scaled: bool = True) -> dict:
+    """The unsplit model with torch's GradScaler; ``fp16``: under fp16 autocast, and nothing
+    poisoned; ``scaled`` False: no scaler and nothing poisoned (the fp32 run the fp16 one is
+    measured against)."""
     modules = build(n)
     model = nn.Sequential(*modules)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    scaler = torch.amp.GradScaler("cpu", **SCALER)
+    scaler = torch.amp.GradScaler("cpu", enabled=scaled, **SCALER)
     out = {"scales": [], "losses": []}
     for step in range(STEPS):
         x, y = batch(step, M)
         opt.zero_grad()
         losses = []
         for xb, yb in zip(x.chunk(M), y.chunk(M), strict=True):
-            loss = nn.functional.mse_loss(model(xb), yb)
+            with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+                loss = nn.functional.mse_loss(model(xb), yb)
             scaler.scale(loss / M).backward()
             losses.append(loss.item())
-        if step == POISON_STEP:
+        if step == POISON_STEP and scaled and not fp16:
             poison(modules[-1])
         scaler.step(opt)
         scaler.update()
@@ -113,7 +123,11 @@ def reference(n: int) -> dict:
 
 @pytest.fixture(scope="module")
 def group_run():
-    return run_once(lambda world, schedule, dp: run_ranks(train, world, schedule, dp, timeout=120))
+    return run_once(
+        lambda world, schedule, dp, fp16=False: run_ranks(
+            train, world, schedule, dp, fp16, timeout=120
+        )
+    )
 
 
 @pytest.mark.parametrize(
@@ -163,3 +177,18 @@ def test_pipe_scales_its_loss_with_the_scaler():
     for s, mod in enumerate(modules):
         for k, v in mod.named_parameters():
             torch.testing.assert_close(v, want["params"][f"{s}.{k}"], rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("schedule", ["zb-h1", "zb-v"])
+def test_fp16_autocast_with_the_scaler_matches_one_device_by_the_fp16_rule(group_run, schedule):
+    """Real fp16 compute: the pipeline's parameters after the steps are off the fp32 run by
+    at most twice what torch's own fp16 + GradScaler training on one device is off by."""
+    n = 4 if schedule == "zb-v" else 2
+    ref, exact = reference(n, True), reference(n, False, False)
+    for got in group_run(2, schedule, 1, True):
+        assert got["scales"] == ref["scales"]
+        for name, value in got["params"].items():
+            ours = (value - exact["params"][name]).abs().max()
+            torchs = (ref["params"][name] - exact["params"][name]).abs().max()
+            assert torchs > 0, name  # the reference did compute in fp16
+            assert ours <= 2 * torchs + 1e-6, (name, float(ours), float(torchs))
