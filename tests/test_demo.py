@@ -131,7 +131,10 @@ def test_short_demo_writes_files_and_matches_one_device(tmp_path):
 def test_ctrl_c_stops_every_rank(tmp_path, target):
     """SIGINT to the whole process group (what a terminal's Ctrl-C does) or to the parent
     alone: the demo exits with 130, without tracebacks, and no process of its group lives on."""
-    proc = demo("--steps", "100000", "--out", str(tmp_path / "o"), *TINY, start_new_session=True)
+    # as a terminal starts it: with SIGINT handled, even when this test runs where SIGINT is
+    # ignored (a background job of a non-interactive shell), which Python would inherit
+    proc = demo("--steps", "100000", "--out", str(tmp_path / "o"), *TINY, start_new_session=True,
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     pgid = proc.pid  # a new session: the demo leads its own process group
     try:
         wait_for_line(proc, "step ", timeout=60)
