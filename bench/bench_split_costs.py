@@ -242,10 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     command = "python bench/bench_split_costs.py " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
+    setup = {k: v for k, v in vars(args).items() if k != "json"}  # no path of this machine
     out.write_text(json.dumps({"machine": mach, "command": command,
-                               "date": time.strftime("%Y-%m-%d %H:%M"),
-                               "setup": vars(args), "models": results, "embedding": emb},
-                              indent=1) + "\n")  # fmt: skip
+                               "date": time.strftime("%Y-%m-%d %H:%M"), "setup": setup,
+                               "models": results, "embedding": emb}, indent=1) + "\n")  # fmt: skip
     print(f"\nwrote {out}")
     return 0
 
