@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 
 from ..model.ties import TiedParameters, grad_buffer
-from ..runtime.collectives import gather_objects, wait
+from ..runtime.collectives import all_reduce, gather_objects
 from ..runtime.errors import PipelineCommError
 from ..training.pipe import Pipe
 from ..training.pipeline import PipelineSchedule
@@ -111,23 +111,14 @@ class _RankGrads:
     def all_reduce(self, value: torch.Tensor, p: float, group, what: str = "stages"):
         if group is None:
             return value
-        import torch.distributed as dist
-
-        if dist.get_world_size(group) == 1:
-            return value
-        value = value.clone()
-        op = {math.inf: dist.ReduceOp.MAX, -math.inf: dist.ReduceOp.MIN}.get(p, dist.ReduceOp.SUM)
-        work = dist.all_reduce(value, op=op, group=group, async_op=True)
-        wait(work, self.timeout, self._fail, f"reducing the gradient norm over the {what}")
-        return value
-
-    def _fail(self, why: str, timed_out: bool) -> PipelineCommError:
-        return PipelineCommError(
-            f"rank {self.rank}: {why} (waited up to {self.timeout:g} s)",
-            self.rank,
+        op = {math.inf: "max", -math.inf: "min"}.get(p, "sum")
+        return all_reduce(
+            value.clone(),
+            group,
+            self.timeout,
             "clip_grad_norm_",
-            -1,
-            timed_out,
+            f"reducing the gradient norm over the {what}",
+            op,
         )
 
     def scale(self, coef: torch.Tensor) -> None:

@@ -47,3 +47,25 @@ def gather_objects(obj: object, group, timeout: float, fail: Fail, what: str) ->
     return [
         pickle.loads(part[: int(s)].numpy().tobytes()) for part, s in zip(parts, sizes, strict=True)
     ]
+
+
+def all_reduce(
+    value: torch.Tensor, group, timeout: float, action: str, what: str, op: str = "sum"
+) -> torch.Tensor:
+    """``value`` reduced (``op``: "sum", "max" or "min") in place over ``group``, waiting at
+    most ``timeout`` seconds; a failure or a timeout is a PipelineCommError naming this rank
+    of the group and ``action``. Nothing is sent over a group of one."""
+    import torch.distributed as dist
+
+    if dist.get_world_size(group) == 1:
+        return value
+    rank = dist.get_rank(group)
+
+    def fail(why: str, timed_out: bool) -> PipelineCommError:
+        return PipelineCommError(
+            f"rank {rank}: {why} (waited up to {timeout:g} s)", rank, action, -1, timed_out
+        )
+
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+    wait(dist.all_reduce(value, op=ops[op], group=group, async_op=True), timeout, fail, what)
+    return value

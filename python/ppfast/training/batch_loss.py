@@ -88,8 +88,7 @@ def _summed_over(kwargs: dict, group, timeout: float) -> tuple[dict, int]:
     import torch
     import torch.distributed as dist
 
-    from ..runtime.collectives import wait
-    from ..runtime.errors import PipelineCommError
+    from ..runtime.collectives import all_reduce
 
     keys = [k for k, v in kwargs.items() if isinstance(v, (int, float, torch.Tensor))]
     if any(isinstance(kwargs[k], torch.Tensor) and kwargs[k].numel() != 1 for k in keys):
@@ -100,13 +99,13 @@ def _summed_over(kwargs: dict, group, timeout: float) -> tuple[dict, int]:
     values = torch.tensor([float(kwargs[k]) for k in keys], dtype=torch.float64)
     if dist.get_backend(group) == "nccl":
         values = values.cuda()
-    rank = dist.get_rank(group)
-
-    def fail(why: str, timed_out: bool) -> PipelineCommError:
-        return PipelineCommError(f"rank {rank}: {why}", rank, "batch_kwargs", -1, timed_out)
-
-    work = dist.all_reduce(values, group=group, async_op=True)
-    wait(work, timeout, fail, "summing the batch's counts over the data-parallel replicas")
+    all_reduce(
+        values,
+        group,
+        timeout,
+        "batch_kwargs",
+        "summing the batch's counts over the data-parallel replicas",
+    )
     out = dict(kwargs)
     for k, v in zip(keys, values.tolist(), strict=True):
         out[k] = int(v) if isinstance(kwargs[k], int) else v

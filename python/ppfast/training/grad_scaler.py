@@ -31,8 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from ..runtime.collectives import wait
-from ..runtime.errors import PipelineCommError
+from ..runtime.collectives import all_reduce
 from .pipe import Pipe
 from .pipeline import PipelineSchedule
 
@@ -97,19 +96,13 @@ class GradScaler(torch.amp.GradScaler):
         agreed = agreed.reshape(1).clone()
         for group, what in ((self._group, "stages"), (self._dp_group, "replicas")):
             if group is not None:
-                self._all_reduce_max(agreed, group, what)
+                all_reduce(
+                    agreed,
+                    group,
+                    self._timeout,
+                    "GradScaler",
+                    f"agreeing on found-inf over the {what}",
+                    "max",
+                )
         for v in values:
             v.copy_(agreed.to(v.device).reshape(v.shape))
-
-    def _all_reduce_max(self, value: torch.Tensor, group, what: str) -> None:
-        import torch.distributed as dist
-
-        if dist.get_world_size(group) == 1:
-            return
-        rank = dist.get_rank(group)
-
-        def fail(why: str, timed_out: bool) -> PipelineCommError:
-            return PipelineCommError(f"rank {rank}: {why}", rank, "GradScaler", -1, timed_out)
-
-        work = dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group, async_op=True)
-        wait(work, self._timeout, fail, f"agreeing on found-inf over the {what}")

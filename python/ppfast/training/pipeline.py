@@ -100,8 +100,9 @@ class PipelineSchedule:
         self._runner: RankRunner | None = None
         self._eval_runner: RankRunner | None = None
         self._first_shapes: list | None = None
-        self._losses_summed = False  # the last step's loss weighs microbatches itself
-        self._counted_over_replicas = False  # ... by counts summed over the replicas
+        # how the last step's loss weighed its microbatches: 0 averaged them; n > 0 the loss
+        # weighed them itself, by counts summed over n data-parallel replicas
+        self._weighed_over = 0
         self._loss_scaler = None  # a ppfast.GradScaler that scales this schedule's loss
         self._broken: str | None = None  # why a step failed, after which none may run
         self.last_metrics: StepMetrics | None = None
@@ -307,8 +308,7 @@ class PipelineSchedule:
             # a loss that weighs microbatches by their share of the batch (token counts) says
             # so here; its microbatch losses are then summed, not averaged
             weighed = batch_kwargs_of(self.loss_fn, targets, self.timeout)
-            self._losses_summed = weighed is not None
-            self._counted_over_replicas = weighed is not None and weighed[1] > 1
+            self._weighed_over = weighed[1] if weighed is not None else 0
             if weighed is not None:
                 # counted over the replicas too: their gradient averaging divides this out
                 loss_kwargs, scale = {**(loss_kwargs or {}), **weighed[0]}, float(weighed[1])

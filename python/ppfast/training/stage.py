@@ -111,6 +111,7 @@ class PipelineStage:
         self.loss_kwargs: dict = {}
         self.scale = 1.0
         self.training = True
+        self._saves_unseen = False  # compiled code may save tensors its hooks do not see
         self.keep_outputs = True
         self.want_loss = True
 
@@ -168,6 +169,8 @@ class PipelineStage:
         self.scale = scale
         if not training:
             return
+        # once a step, not per forward (it walks the module tree)
+        self._saves_unseen = _HOOKS_MISS_COMPILED and _runs_compiled(self.submod)
         self._dp.begin_step(m)
         store = self.weight_store
         if store.enabled:
@@ -217,7 +220,7 @@ class PipelineStage:
             self._check_meta("output", outs)
         self._inputs[mb] = leaves
         self._outputs[mb] = outs
-        if _HOOKS_MISS_COMPILED and _runs_compiled(self.submod):
+        if self._saves_unseen:
             return [o.detach() for o in outs], False  # what compiled code saved is unknown
         return [o.detach() for o in outs], _releasable(outs, saved | _storages((args, kwargs)))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..runtime.collectives import wait
+from ..runtime.collectives import all_reduce, wait
 from ..runtime.errors import PipelineCommError
 
 
@@ -21,7 +21,7 @@ def step_loss(sched) -> torch.Tensor | None:
     if last is None:
         return None
     total = torch.stack([x.detach().float().reshape(()) for x in last.losses()]).sum()
-    return total if sched._losses_summed else total / sched.n_microbatches
+    return total if sched._weighed_over else total / sched.n_microbatches
 
 
 def share_step_loss(sched, dp_group) -> None:
@@ -38,7 +38,7 @@ def share_step_loss(sched, dp_group) -> None:
     value = torch.zeros(2, device=sched.stages[0].device)
     if mine is not None:
         value[0] = mine
-        value[1] = float(sched._counted_over_replicas)
+        value[1] = float(sched._weighed_over > 1)
     holder = sched._runner.program.stage_to_rank[-1]
     rank = sched._runner.rank
 
@@ -52,8 +52,13 @@ def share_step_loss(sched, dp_group) -> None:
     summed = bool(value[1] > 0)
     loss = value[:1].clone()
     if dp_group is not None:
-        work = dist.all_reduce(loss, group=dp_group, async_op=True)
-        wait(work, sched.timeout, fail, "averaging the step's loss over the replicas")
+        all_reduce(
+            loss,
+            dp_group,
+            sched.timeout,
+            "share_loss",
+            "averaging the step's loss over the replicas",
+        )
         if not summed:
             loss /= dist.get_world_size(dp_group)
     sched.last_metrics.loss = float(loss)
