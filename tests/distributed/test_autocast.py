@@ -86,11 +86,14 @@ def test_bf16_autocast_matches_one_device_by_the_bf16_rule(group_run, p, schedul
     _within_rule(
         torch.tensor(losses), torch.tensor(ref["losses"]), torch.tensor(exact["losses"]), "losses"
     )
-    differs = False
+    ours_max = torchs_max = 0.0
     for r in per_rank:
         for s, grads in r[schedule]["grads"].items():
             for name, g in grads.items():
                 want, fp32 = ref["grads"][s][name], exact["grads"][s][name]
-                differs |= not torch.equal(want, fp32)
+                torchs_max = max(torchs_max, float((want - fp32).abs().max()))
+                ours_max = max(ours_max, float((g.float() - fp32).abs().max()))
                 _within_rule(g, want, fp32, f"stage {s} {name}")
-    assert differs, "the one-device autocast run computed nothing in bf16"
+    assert torchs_max > 0, "the one-device autocast run computed nothing in bf16"
+    # bf16's error, not fp32 rounding: autocast reached the pipeline's stages
+    assert ours_max > 0.1 * torchs_max, (ours_max, torchs_max)
