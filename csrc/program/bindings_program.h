@@ -11,7 +11,8 @@ namespace py = pybind11;
 
 namespace detail {
 
-// ranks: per rank a flat list [kind, stage, mb, action, kind, stage, mb, action, ...]
+// ranks: per rank a flat list [kind, stage, mb, action, kind, stage, mb, action, ...]. Every
+// engine entry point checks the view (check_view) before it reads anything out of it.
 inline ppfast::ProgramView make_view(const std::vector<int32_t>& stage_to_rank, int32_t num_mb,
                               const std::vector<std::vector<int32_t>>& ranks) {
   ppfast::ProgramView view;
@@ -25,7 +26,9 @@ inline ppfast::ProgramView make_view(const std::vector<int32_t>& stage_to_rank, 
     auto& parts = view.ranks[r];
     parts.reserve(flat.size() / 4);
     for (size_t i = 0; i < flat.size(); i += 4) {
-      parts.push_back(ppfast::Part{flat[i + 1], flat[i + 2], static_cast<int8_t>(flat[i]),
+      // an out-of-range code must not wrap into a valid one
+      const int32_t kind = flat[i] >= 0 && flat[i] <= ppfast::kRecvB ? flat[i] : -1;
+      parts.push_back(ppfast::Part{flat[i + 1], flat[i + 2], static_cast<int8_t>(kind),
                                    flat[i + 3]});
     }
   }
@@ -118,6 +121,8 @@ inline py::tuple lower_program_py(const std::vector<int32_t>& stage_to_rank, int
 
 inline void register_program(pybind11::module_& m) {
   using namespace detail;
+  m.attr("MAX_STAGES") = ppfast::kMaxStages;
+  m.attr("MAX_MICROBATCHES") = ppfast::kMaxMicrobatches;
   m.def("run_program", &run_program_py, py::arg("stage_to_rank"), py::arg("num_mb"),
         py::arg("ranks"), py::arg("strict"), py::arg("cost"), py::arg("comm"), py::arg("act"),
         py::arg("w_keep"),

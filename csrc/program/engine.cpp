@@ -331,28 +331,82 @@ std::string part_name(const Part& p) {
   return std::to_string(p.stage) + k + std::to_string(p.mb);
 }
 
-Result run_program(const ProgramView& program, Mode mode, const CostModel& costs) {
-  Result bad;
-  if (static_cast<int>(program.stage_to_rank.size()) != program.num_stages) {
-    bad.error = "stage_to_rank has " + std::to_string(program.stage_to_rank.size()) +
-                " entries for " + std::to_string(program.num_stages) + " stages";
-    return bad;
+Fault check_view(const ProgramView& p, const CostModel* costs) {
+  const auto n = [](int64_t v) { return std::to_string(v); };
+  const auto whole = [](std::string reason) { return Fault{false, -1, -1, "", std::move(reason)}; };
+  const int R = p.num_ranks();
+  if (R < 1 || R > kMaxRanks) return whole("a program needs 1 to " + n(kMaxRanks) + " ranks, not " + n(R));
+  if (p.num_stages < 1 || p.num_stages > kMaxStages) {
+    return whole("a program needs 1 to " + n(kMaxStages) + " stages, not " + n(p.num_stages));
   }
-  if (!costs.cost.empty() && costs.cost.size() != static_cast<size_t>(program.num_stages) * 4) {
-    bad.error = "the cost table needs 4 entries (F, I, W, B) per stage";
-    return bad;
+  if (p.num_mb < 1 || p.num_mb > kMaxMicrobatches) {
+    return whole("a program needs 1 to " + n(kMaxMicrobatches) + " microbatches, not " + n(p.num_mb));
   }
-  for (const auto& rank : program.ranks) {
-    for (size_t i = 1; i < rank.size(); ++i) {
-      if (rank[i].action < rank[i - 1].action || rank[i].action > rank[i - 1].action + 1) {
-        bad.error = "action indices of a rank must count up from 0 in steps of one";
-        return bad;
+  if (int64_t(p.num_stages) * p.num_mb > kMaxStageMicrobatches) {
+    return whole(n(p.num_stages) + " stages x " + n(p.num_mb) + " microbatches is more than the " +
+                 n(kMaxStageMicrobatches) + " (stage, microbatch) pairs a program may hold");
+  }
+  if (static_cast<int64_t>(p.stage_to_rank.size()) != p.num_stages) {
+    return whole("stage_to_rank has " + n(p.stage_to_rank.size()) + " entries for " +
+                 n(p.num_stages) + " stages");
+  }
+  for (int s = 0; s < p.num_stages; ++s) {
+    if (p.stage_to_rank[s] < 0 || p.stage_to_rank[s] >= R) {
+      return whole("stage_to_rank places stage " + n(s) + " on rank " + n(p.stage_to_rank[s]) +
+                   ", which is not one of the program's " + n(R) + " ranks");
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const auto& parts = p.ranks[r];
+    for (size_t i = 0; i < parts.size(); ++i) {
+      const Part& q = parts[i];
+      const auto fault = [&](std::string reason) {
+        return Fault{false, r, q.action, part_name(q) + " (#" + n(q.action) + ")", std::move(reason)};
+      };
+      if (q.stage < 0 || q.stage >= p.num_stages || q.mb < 0 || q.mb >= p.num_mb) {
+        return fault("stage must be in [0, " + n(p.num_stages) + ") and microbatch in [0, " +
+                     n(p.num_mb) + ")");
+      }
+      if (q.kind < 0 || q.kind > kRecvB) return fault("its kind is none of F, I, W, B, SEND_F, RECV_F, SEND_B, RECV_B");
+      const int32_t prev = i == 0 ? -1 : parts[i - 1].action;
+      if ((i > 0 && q.action != prev && q.action != prev + 1) || (i == 0 && q.action != 0)) {
+        return fault("action index " + n(q.action) + " after " + n(prev) +
+                     ": action indices of a rank count up from 0 in steps of one");
+      }
+      const bool shared = (i > 0 && q.action == prev) ||
+                          (i + 1 < parts.size() && parts[i + 1].action == q.action);
+      if (shared && is_comm(q.kind)) {
+        return fault("a compound action (parts sharing one index) holds compute parts only");
       }
     }
-    if (!rank.empty() && rank.front().action != 0) {
-      bad.error = "action indices of a rank must start at 0";
-      return bad;
+  }
+  if (costs != nullptr) {
+    if (!costs->cost.empty() && costs->cost.size() != static_cast<size_t>(p.num_stages) * 4) {
+      return whole("the cost table needs 4 entries (F, I, W, B) per stage, " +
+                   n(4 * p.num_stages) + " in all, not " + n(costs->cost.size()));
     }
+    if (!costs->act.empty() && costs->act.size() != static_cast<size_t>(p.num_stages)) {
+      return whole("the activation table needs one entry per stage, " + n(p.num_stages) +
+                   " in all, not " + n(costs->act.size()));
+    }
+  }
+  return Fault{};
+}
+
+std::string describe(const Fault& f) {
+  if (f.ok) return "";
+  if (f.rank < 0) return f.reason;
+  return "rank " + std::to_string(f.rank) + ", action " + f.label + ": " + f.reason;
+}
+
+Result run_program(const ProgramView& program, Mode mode, const CostModel& costs) {
+  Result bad;
+  const Fault f = check_view(program, &costs);
+  if (!f.ok) {
+    bad.error = describe(f);
+    bad.error_rank = f.rank;
+    bad.error_action = f.action;
+    return bad;
   }
   return Walker(program, mode, costs).run();
 }

@@ -90,6 +90,13 @@ struct Result {
   std::vector<Wait> stuck;
 };
 
+// Limits of a program the engine and the executor take: stages and microbatches are packed
+// into 20 bits each of a message key, and stages x microbatches sizes the engine's tables.
+constexpr int32_t kMaxStages = (1 << 20) - 1;
+constexpr int32_t kMaxMicrobatches = (1 << 20) - 1;
+constexpr int64_t kMaxStageMicrobatches = int64_t(1) << 22;
+constexpr int32_t kMaxRanks = 1 << 16;
+
 Result run_program(const ProgramView& program, Mode mode, const CostModel& costs);
 
 // The first structural fault of a program, if any.
@@ -106,6 +113,16 @@ struct Fault {
 // communication, every cross-rank hand-off has exactly one send and one receive.
 Fault check_structure(const ProgramView& program);
 
+// Is the program something the engine can walk at all? The fault, if not: counts within the
+// limits above, stage_to_rank naming existing ranks, every part's kind, stage and microbatch
+// in range, action indices counting up from 0 in steps of one, compound actions (parts sharing
+// an index) made of compute parts only, and `costs` (if given) sized for the stages. Every
+// entry point here checks this first, so no input makes the engine read out of bounds; whether
+// the program is correct is check_structure's to say.
+Fault check_view(const ProgramView& program, const CostModel* costs = nullptr);
+// A fault as one line: "rank 1, action 2F3 (#7): why", or the reason alone for the whole program.
+std::string describe(const Fault& fault);
+
 // Matching without tags (NCCL): between every ordered pair of ranks, the receiver posts its
 // receives in the order the sender posts its sends. A structurally sound lowered program that
 // breaks this runs where messages are matched by tag and mis-pairs where they are matched by
@@ -117,7 +134,8 @@ Fault check_pair_order(const ProgramView& program);
 // Sends follow the compute that produces them; a receive goes before the first action of its
 // rank that starts, in a step timed with `costs` (comm ignored), no earlier than its producer
 // ends. Comm ops between two compute actions are sorted by one global key, so two peers post
-// their shared messages in the same order. Requires a compute-only program that finishes.
+// their shared messages in the same order. Takes a compute-only program that finishes; for any
+// other, `timing->error` says why and the rows are empty.
 std::vector<std::vector<int32_t>> lower_program(const ProgramView& program,
                                                 const CostModel& costs, Result* timing);
 

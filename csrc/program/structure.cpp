@@ -20,6 +20,7 @@ struct Seen {
 }  // namespace
 
 Fault check_structure(const ProgramView& p) {
+  if (Fault f = check_view(p); !f.ok) return f;
   const int S = p.num_stages, M = p.num_mb;
   std::vector<Seen> seen(static_cast<size_t>(S) * M * 8);
   auto at = [&](int kind, int s, int mb) -> Seen& {
@@ -32,11 +33,6 @@ Fault check_structure(const ProgramView& p) {
   bool lowered = false;
   for (int r = 0; r < p.num_ranks(); ++r) {
     for (const Part& q : p.ranks[r]) {
-      if (q.stage < 0 || q.stage >= S || q.mb < 0 || q.mb >= M || q.kind < 0 || q.kind > 7) {
-        return fault(r, q.action, here(q),
-                     "stage must be in [0, " + std::to_string(S) + ") and microbatch in [0, " +
-                         std::to_string(M) + ")");
-      }
       if (p.stage_to_rank[q.stage] != r) {
         return fault(r, q.action, here(q),
                      "stage " + std::to_string(q.stage) + " is placed on rank " +
@@ -142,8 +138,16 @@ Fault check_structure(const ProgramView& p) {
 
 std::vector<std::vector<int32_t>> lower_program(const ProgramView& p, const CostModel& costs,
                                                 Result* timing) {
-  *timing = run_program(p, Mode::kTimed, costs);
   std::vector<std::vector<int32_t>> out(p.num_ranks());
+  for (const auto& parts : p.ranks) {
+    for (const Part& q : parts) {
+      if (is_comm(q.kind)) {
+        timing->error = "lowering takes a compute-only program; this one holds " + part_name(q);
+        return out;
+      }
+    }
+  }
+  *timing = run_program(p, Mode::kTimed, costs);
   if (!timing->error.empty() || !timing->finished) return out;
   const int S = p.num_stages;
   // (slot, key..., op) per rank; slot k = just before compute action k
@@ -197,6 +201,7 @@ std::vector<std::vector<int32_t>> lower_program(const ProgramView& p, const Cost
 
 
 Fault check_pair_order(const ProgramView& p) {
+  if (Fault f = check_view(p); !f.ok) return f;
   // A message is (direction, producing stage, microbatch); per ordered pair, the sender's
   // list in send order and the receiver's in receive order, each with the action posting it.
   struct Msg {

@@ -9,13 +9,13 @@
 #include <optional>
 
 #include "program/engine.h"
+#include "wire/meta.h"
 
 namespace ppfast {
 namespace {
 
-constexpr int kMaxTensors = 16;
-constexpr int kMaxDims = 8;
-constexpr int64_t kMetaLen = 2 + kMaxTensors * (2 + kMaxDims);
+using wire::kMaxTensors;
+using wire::kMetaLen;
 constexpr int kFwd = 0, kBwd = 1;
 
 // Frees a tensor's memory but keeps its shape: autograd may still need the tensor as the root
@@ -42,18 +42,7 @@ Executor::Executor(int rank, std::vector<int32_t> stage_to_rank, int32_t num_mb,
       transport_(std::move(transport)),
       compute_(std::move(compute)),
       options_(options) {
-  if (parts.size() % 4 != 0) throw std::invalid_argument("parts must be [kind, stage, mb, action]*");
-  for (size_t i = 0; i < parts.size(); i += 4) {
-    parts_.push_back(Part{parts[i], parts[i + 1], parts[i + 2], parts[i + 3]});
-  }
-  num_actions_ = parts_.empty() ? 0 : parts_.back().action + 1;
-  if (static_cast<int>(names_.size()) != num_actions_) {
-    throw std::invalid_argument("names must give one text per action");
-  }
-  const double max_tag = 2.0 * num_stages_ * num_mb_ * 2 * kMaxTensors;
-  if (max_tag >= static_cast<double>(std::numeric_limits<int32_t>::max())) {
-    throw std::invalid_argument("too many stages x microbatches to tag every message");
-  }
+  check_program(parts);
   for (const Part& p : parts_) {
     if (p.kind == kB || p.kind == kW) last_backward_[key(0, p.stage, p.mb)] = p.action;
     if (p.kind == kI && !last_backward_.count(key(0, p.stage, p.mb)))
@@ -64,6 +53,57 @@ Executor::Executor(int rank, std::vector<int32_t> stage_to_rank, int32_t num_mb,
   for (const auto& n : names_) ranges_.push_back("ppfast:" + n);
   device_ = compute_->device();
   if (device_has_streams(device_)) streams_ = std::make_unique<DeviceStreams>(device_);
+}
+
+void Executor::check_program(const std::vector<int32_t>& flat) {
+  const auto n = [](int64_t v) { return std::to_string(v); };
+  const auto bad = [&](const std::string& why) {
+    throw std::invalid_argument("rank " + n(rank_) + ": cannot run this program: " + why);
+  };
+  if (!transport_) bad("no transport");
+  if (!compute_) bad("no compute");
+  const int size = transport_->size();
+  if (rank_ < 0 || rank_ >= size) bad("the rank is not one of the transport's " + n(size));
+  if (flat.size() % 4 != 0) bad("parts must be [kind, stage, mb, action] quadruples");
+  // The engine's checks of ranges and action indices, on this rank's row alone.
+  ProgramView view;
+  view.num_stages = num_stages_;
+  view.num_mb = num_mb_;
+  view.stage_to_rank = stage_to_rank_;
+  view.ranks.resize(size);
+  for (size_t i = 0; i < flat.size(); i += 4) {
+    const int32_t kind = flat[i] >= 0 && flat[i] <= kRecvB ? flat[i] : -1;
+    view.ranks[rank_].push_back(
+        ppfast::Part{flat[i + 1], flat[i + 2], static_cast<int8_t>(kind), flat[i + 3]});
+    parts_.push_back(Part{kind, flat[i + 1], flat[i + 2], flat[i + 3]});
+  }
+  if (Fault f = check_view(view); !f.ok) bad(describe(f));
+  num_actions_ = parts_.empty() ? 0 : parts_.back().action + 1;
+  if (static_cast<int>(names_.size()) != num_actions_) {
+    bad(n(names_.size()) + " names for " + n(num_actions_) + " actions: give one text per action");
+  }
+  const double max_tag = 2.0 * num_stages_ * num_mb_ * 2 * kMaxTensors;
+  if (max_tag >= static_cast<double>(std::numeric_limits<int32_t>::max())) {
+    bad("too many stages x microbatches to tag every message");
+  }
+  std::unordered_map<int64_t, int> seen;  // (kind, stage, mb) -> part
+  for (size_t i = 0; i < parts_.size(); ++i) {
+    const Part& p = parts_[i];
+    const std::string here = names_[p.action] + " (#" + n(p.action) + "): ";
+    if (stage_to_rank_[p.stage] != rank_) {
+      bad(here + "stage " + n(p.stage) + " is placed on rank " + n(stage_to_rank_[p.stage]));
+    }
+    auto [it, fresh] = seen.emplace((int64_t(p.kind) << 40) | key(0, p.stage, p.mb), int(i));
+    if (!fresh) bad(here + "appears twice on this rank");
+    if (!is_comm(p.kind)) continue;
+    // the stage on the other end of the message
+    const int other = p.kind == kSendF || p.kind == kRecvB ? p.stage + 1 : p.stage - 1;
+    if (other < 0 || other >= num_stages_) bad(here + "stage " + n(other) + " does not exist");
+    if (stage_to_rank_[other] == rank_) {
+      bad(here + "stages " + n(p.stage) + " and " + n(other) +
+          " are both on this rank, which hands their tensors over in memory; remove it");
+    }
+  }
 }
 
 int64_t Executor::tag(int dir, int producer_stage, int mb, int index, bool meta) const {
@@ -103,34 +143,39 @@ void Executor::wait_handle(Handle& h, int action, int peer, const std::string& w
   }
 }
 
-at::Tensor Executor::encode_meta(const std::vector<at::Tensor>& tensors) const {
-  at::Tensor m = at::zeros({kMetaLen}, at::TensorOptions().dtype(at::kLong));
-  int64_t* d = m.data_ptr<int64_t>();
-  if (tensors.size() > static_cast<size_t>(kMaxTensors)) {
-    throw std::invalid_argument("a stage may pass at most 16 tensors to its neighbour");
+static int64_t torch_itemsize(int64_t code) {
+  if (code < 0 || code >= static_cast<int64_t>(c10::ScalarType::Undefined)) {
+    return 0;
   }
-  d[0] = static_cast<int64_t>(tensors.size());
-  int64_t pos = 2;
+  const auto t = static_cast<c10::ScalarType>(code);
+  if (!c10::isFloatingType(t) && !c10::isComplexType(t) && !c10::isIntegralType(t, true)) return 0;
+  return static_cast<int64_t>(c10::elementSize(t));
+}
+
+at::Tensor encode_meta(const std::vector<at::Tensor>& tensors) {
+  std::vector<wire::TensorMeta> metas;
   for (const auto& t : tensors) {
-    if (t.dim() > kMaxDims) throw std::invalid_argument("tensors passed between stages may have at most 8 dimensions");
-    d[pos] = static_cast<int64_t>(t.scalar_type());
-    d[pos + 1] = t.dim();
-    for (int64_t k = 0; k < t.dim(); ++k) d[pos + 2 + k] = t.size(k);
-    pos += 2 + kMaxDims;
+    metas.push_back({static_cast<int64_t>(t.scalar_type()), t.sizes().vec()});
+  }
+  at::Tensor m = at::empty({kMetaLen}, at::TensorOptions().dtype(at::kLong));
+  if (std::string why = wire::encode(metas, m.data_ptr<int64_t>()); !why.empty()) {
+    throw std::invalid_argument(why);
   }
   return m;
 }
 
-Executor::Meta Executor::decode_meta(const at::Tensor& t) const {
-  at::Tensor c = t.to(at::kCPU);
-  const int64_t* d = c.data_ptr<int64_t>();
-  Meta meta;
-  int64_t pos = 2;
-  for (int64_t i = 0; i < d[0]; ++i) {
-    std::vector<int64_t> shape(d + pos + 2, d + pos + 2 + d[pos + 1]);
-    meta.tensors.emplace_back(static_cast<c10::ScalarType>(d[pos]), std::move(shape));
-    pos += 2 + kMaxDims;
+Meta decode_meta(const at::Tensor& t) {
+  if (t.scalar_type() != at::kLong || !t.is_contiguous()) {
+    throw std::invalid_argument("a shape header is a contiguous int64 tensor");
   }
+  at::Tensor c = t.to(at::kCPU);
+  std::vector<wire::TensorMeta> metas;
+  if (std::string why = wire::decode(c.data_ptr<int64_t>(), c.numel(), torch_itemsize, &metas);
+      !why.empty()) {
+    throw std::invalid_argument(why);
+  }
+  Meta meta;
+  for (auto& m : metas) meta.tensors.emplace_back(static_cast<c10::ScalarType>(m.dtype), std::move(m.shape));
   return meta;
 }
 
@@ -268,10 +313,22 @@ std::vector<at::Tensor> Executor::take_input(const Part& p, int dir) {
       // reading the shapes back to the host waits for the receive stream, not for compute
       std::optional<c10::StreamGuard> on_recv;
       if (streams_) on_recv.emplace(streams_->recv);
-      meta = decode_meta(box.meta);
+      try {
+        meta = decode_meta(box.meta);
+      } catch (const std::invalid_argument& e) {
+        fail("the shape header of " + what + " is malformed: " + e.what() +
+                 " (corrupted in transit, or the pair's messages matched in different orders)",
+             p.action, box.peer, false);
+      }
     }
     if (!options_.dynamic_shapes) recv_meta_[{dir, p.stage}] = meta;
-    box.buffers = allocate(meta, dir, p.stage);
+    try {
+      box.buffers = allocate(meta, dir, p.stage);
+    } catch (const c10::Error& e) {
+      fail("cannot allocate the buffers the shape header of " + what + " announces: " +
+               e.what_without_backtrace(),
+           p.action, box.peer, false);
+    }
     const int producer_stage = producer;
     std::optional<c10::StreamGuard> on_recv;
     if (streams_) on_recv.emplace(streams_->recv);

@@ -82,6 +82,16 @@ struct StepTimes {
   bool on_device = false;  // device times are to be read with device_times(index)
 };
 
+// The shapes a step that agrees them sends ahead of each tensor list (wire/meta.h).
+struct Meta {
+  std::vector<std::pair<c10::ScalarType, std::vector<int64_t>>> tensors;
+  bool operator==(const Meta& o) const { return tensors == o.tensors; }
+};
+// The header of `tensors` (an int64 CPU tensor); std::invalid_argument past the header's limits.
+at::Tensor encode_meta(const std::vector<at::Tensor>& tensors);
+// A received header's shapes; std::invalid_argument saying what is wrong with a malformed one.
+Meta decode_meta(const at::Tensor& header);
+
 struct ExecutorOptions {
   int64_t timeout_ms = 300000;
   bool dynamic_shapes = false;
@@ -107,10 +117,6 @@ class Executor {
   int rank() const { return rank_; }
 
  private:
-  struct Meta {
-    std::vector<std::pair<c10::ScalarType, std::vector<int64_t>>> tensors;
-    bool operator==(const Meta& o) const { return tensors == o.tensors; }
-  };
   struct Inbox {
     int peer = -1;
     int action = -1;
@@ -144,6 +150,8 @@ class Executor {
   void finish_outbox(Outbox& box, bool block);
   void poll_sends();
   void release_inputs(int stage, int mb);
+  // The program's checks (constructor): std::invalid_argument naming the part at fault.
+  void check_program(const std::vector<int32_t>& parts);
   [[noreturn]] void fail(const std::string& why, int action, int peer, bool timed_out);
   // Waits with the timeout; with `stream`, only orders that stream after the operation.
   void wait_handle(Handle& h, int action, int peer, const std::string& what,
@@ -151,8 +159,6 @@ class Executor {
   // Records an action's start or end: host clock, and an event on streams.
   void mark_time(bool start, int action);
 
-  at::Tensor encode_meta(const std::vector<at::Tensor>& tensors) const;
-  Meta decode_meta(const at::Tensor& t) const;
   std::vector<at::Tensor> allocate(const Meta& meta, int dir, int stage);
   // The transport of this step: a step that agrees shapes may need one matched by tag.
   Transport& comm() const { return negotiate_ ? transport_->negotiation() : *transport_; }

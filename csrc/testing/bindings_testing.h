@@ -5,7 +5,9 @@
 #include <pybind11/chrono.h>
 #include <torch/extension.h>
 
+#include "runtime/executor.h"
 #include "testing/nccl_emu.h"
+#include "wire/meta.h"
 
 namespace ppfast::testing {
 
@@ -22,6 +24,27 @@ inline void register_testing(pybind11::module_& m) {
            py::arg("inner"), py::arg("rank"), py::arg("size"), py::arg("timeout"))
       .def_property_readonly("items_run", &NcclEmu::items_run,
                              "operations and groups run on the emulated stream so far");
+  // The executor's shape header, for the fuzz tests: what a peer's bytes decode to, or
+  // ValueError saying why they do not.
+  m.def(
+      "decode_meta",
+      [](const at::Tensor& header) {
+        std::vector<std::pair<at::ScalarType, std::vector<int64_t>>> out;
+        for (auto& [dtype, shape] : ppfast::decode_meta(header).tensors) out.emplace_back(dtype, shape);
+        return out;
+      },
+      py::arg("header"));
+  m.def("encode_meta", &ppfast::encode_meta, py::arg("tensors"));
+  m.def(
+      "seal_meta",
+      [](at::Tensor header) {
+        TORCH_CHECK(header.scalar_type() == at::kLong && header.numel() == wire::kMetaLen &&
+                    header.is_contiguous() && header.is_cpu(), "not a shape header");
+        int64_t* d = header.data_ptr<int64_t>();
+        d[wire::kMetaLen - 1] = wire::check_word(d);
+      },
+      py::arg("header"),
+      "Rewrite a header's check word in place, as a sender that wrote these words would.");
 }
 
 }  // namespace ppfast::testing

@@ -40,6 +40,10 @@ _SIMPLE_RE = re.compile(rf"^(\d+)({_KIND_NAMES})(\d*)$")
 # FSDP bookkeeping actions torch puts in its programs; they carry no pipeline dependency.
 IGNORED_TORCH_KINDS = ("UNSHARD", "RESHARD", "REDUCE_GRAD")
 
+# The most stages and microbatches a program may have: the executor packs each into 20 bits of
+# a message key (csrc/program/engine.h, kMaxStages and kMaxMicrobatches; ppfast._C has both).
+MAX_STAGES = MAX_MICROBATCHES = (1 << 20) - 1
+
 
 class Action(NamedTuple):
     """One step of a rank's program: ``(stage, kind, microbatch)``, text form ``2F0``.
@@ -114,6 +118,10 @@ def parse_action(text: str, naming: str = "current") -> Action:
         raise ValueError(f"action {text!r} uses torch's legacy naming (BW); pass naming='legacy'")
     if mb == "":
         raise ValueError(f"action {text!r} has no microbatch index")
+    if len(stage) > 7 or len(mb) > 7 or int(stage) > MAX_STAGES or int(mb) > MAX_MICROBATCHES:
+        raise ValueError(
+            f"action {text!r}: stages and microbatches of a program are below {MAX_STAGES + 1}"
+        )
     return Action(int(stage), Kind(kind), int(mb))
 
 
@@ -146,6 +154,11 @@ class Program:
         p = len(self.ranks)
         if p == 0:
             raise ValueError("a program needs at least one rank")
+        if len(self.stage_to_rank) > MAX_STAGES or self.num_microbatches > MAX_MICROBATCHES:
+            raise ValueError(
+                f"{len(self.stage_to_rank)} stages and {self.num_microbatches} microbatches: a "
+                f"program has at most {MAX_STAGES} of each"
+            )
         for s, r in enumerate(self.stage_to_rank):
             if not 0 <= r < p:
                 raise ValueError(f"stage {s} is placed on rank {r}, but the program has {p} ranks")
@@ -160,7 +173,8 @@ class Program:
 
     @property
     def v(self) -> int:
-        return self.num_stages // self.p
+        """Stages per rank (at least 1: a program may leave ranks without a stage)."""
+        return max(1, self.num_stages // self.p)
 
     def stages_of(self, rank: int) -> list[int]:
         return [s for s, r in enumerate(self.stage_to_rank) if r == rank]
@@ -251,9 +265,17 @@ def infer_placement(ranks: Sequence[Sequence[Action]]) -> tuple[int, ...]:
     if not where:
         raise ValueError("the program has no compute actions, so its stages cannot be placed")
     n = max(where) + 1
-    missing = [s for s in range(n) if s not in where]
-    if missing:
-        raise ValueError(f"stages {missing} have no compute actions; every stage needs its F")
+    if n > MAX_STAGES:
+        raise ValueError(
+            f"stage {n - 1} is past the {MAX_STAGES} stages a program may have; is a stage "
+            "number corrupted?"
+        )
+    if len(where) < n:
+        missing = [s for s in range(n) if s not in where]
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        raise ValueError(
+            f"stages {missing[:8]}{more} have no compute actions; every stage needs its F"
+        )
     return tuple(where[s] for s in range(n))
 
 
