@@ -199,7 +199,7 @@ def headers(rng: random.Random) -> list[torch.Tensor]:
     for _ in range(64):
         shapes = [[rng.randint(0, 5) for _ in range(rng.randint(0, 8))] for _ in range(16)]
         tensors = [torch.empty(s, dtype=rng.choice(dtypes)) for s in shapes[: rng.randint(0, 16)]]
-        out.append(C.encode_meta(tensors))
+        out.append(C.encode_meta(tensors, rng.randint(0, 1)))
     return out
 
 
@@ -222,12 +222,13 @@ def test_shape_headers_into_the_decoder():
         if rng.random() < 0.02:
             h = h.to(rng.choice([torch.int32, torch.float64]))
         try:
-            got = C.decode_meta(h)
+            got, flags = C.decode_meta(h)
         except ValueError:
             continue
         accepted += 1
         # what the decoder took is exactly what an encoder would send
-        again = C.encode_meta([torch.empty(s, dtype=dtype, device="meta") for dtype, s in got])
+        tensors = [torch.empty(s, dtype=dtype, device="meta") for dtype, s in got]
+        again = C.encode_meta(tensors, flags)
         assert torch.equal(again, h), (got, h)
     assert 0 < accepted < 10_000
 
@@ -237,6 +238,7 @@ def test_shape_headers_into_the_decoder():
     [
         (lambda h: h.__setitem__(0, 12345), "mark"),
         (lambda h: h.__setitem__(1, 17), "at most 16"),
+        (lambda h: h.__setitem__(1, 1 | 2 << 32), "holds flags 2"),
         (lambda h: h.__setitem__(2, 999), "dtype code 999"),
         (lambda h: h.__setitem__(3, 9), "9 dimensions"),
         (lambda h: h.__setitem__(4, -2), "dimension 0 has size -2"),

@@ -184,14 +184,15 @@ int64_t fake_itemsize(int64_t code) { return code >= 0 && code < 12 ? int64_t(1)
 
 void drive_meta(std::vector<int64_t> words) {
   std::vector<ppfast::wire::TensorMeta> metas;
+  int64_t flags = 0;
   const std::string why = ppfast::wire::decode(words.data(), static_cast<int64_t>(words.size()),
-                                               fake_itemsize, &metas);
+                                               fake_itemsize, &metas, &flags);
   if (!why.empty()) {
     if (!metas.empty()) die("a refused header left tensors behind");
     return;
   }
   std::vector<int64_t> again(ppfast::wire::kMetaLen);
-  if (!ppfast::wire::encode(metas, again.data()).empty() || again != words) {
+  if (!ppfast::wire::encode(metas, flags, again.data()).empty() || again != words) {
     die("a header decode() took does not encode back to the same words");
   }
 }
@@ -228,7 +229,9 @@ int main(int argc, char** argv) {
       for (auto& d : t.shape) d = pick(0, 64);
     }
     std::vector<int64_t> words(ppfast::wire::kMetaLen);
-    if (!ppfast::wire::encode(tensors, words.data()).empty()) die("a valid header does not encode");
+    if (!ppfast::wire::encode(tensors, pick(0, 1), words.data()).empty()) {
+      die("a valid header does not encode");
+    }
     const int edits = static_cast<int>(pick(0, 3));
     for (int e = 0; e < edits; ++e) {
       int64_t& w = words[pick(0, words.size() - 1)];

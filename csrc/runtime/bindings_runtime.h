@@ -137,10 +137,11 @@ inline void register_runtime(pybind11::module_& m) {
       .def(py::init([](int rank, std::vector<int32_t> stage_to_rank, int32_t num_mb,
                        std::vector<int32_t> parts, std::vector<std::string> names,
                        std::shared_ptr<Transport> transport, py::object compute,
-                       int64_t timeout_ms, bool dynamic_shapes) {
+                       int64_t timeout_ms, bool dynamic_shapes, bool checksum) {
              ExecutorOptions opt;
              opt.timeout_ms = timeout_ms;
              opt.dynamic_shapes = dynamic_shapes;
+             opt.checksum = checksum;
              return std::make_shared<Executor>(rank, std::move(stage_to_rank), num_mb,
                                                std::move(parts), std::move(names),
                                                std::move(transport),
@@ -148,7 +149,7 @@ inline void register_runtime(pybind11::module_& m) {
            }),
            py::arg("rank"), py::arg("stage_to_rank"), py::arg("num_mb"), py::arg("parts"),
            py::arg("names"), py::arg("transport"), py::arg("compute"), py::arg("timeout_ms"),
-           py::arg("dynamic_shapes"))
+           py::arg("dynamic_shapes"), py::arg("checksum") = false)
       .def(
           "step",
           [](Executor& ex) {

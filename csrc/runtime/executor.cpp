@@ -5,10 +5,12 @@
 #include <c10/core/StreamGuard.h>
 
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <optional>
 
 #include "program/engine.h"
+#include "wire/checksum.h"
 #include "wire/meta.h"
 
 namespace ppfast {
@@ -125,6 +127,27 @@ void Executor::fail(const std::string& why, int action, int peer, bool timed_out
   throw CommError(msg, rank_, label, peer, timed_out);
 }
 
+std::shared_ptr<Handle> Executor::post_op(bool send, const at::Tensor& t, int peer, int64_t tag,
+                                          int action) {
+  std::shared_ptr<Handle> h;
+  guard_transport([&] { h = send ? comm().send(t, peer, tag) : comm().recv(t, peer, tag); },
+                  action, peer, send ? "posting a send" : "posting a receive");
+  return h;
+}
+
+void Executor::guard_transport(const std::function<void()>& call, int action, int peer,
+                               const char* what) {
+  try {
+    call();
+  } catch (const CommError&) {
+    throw;
+  } catch (const std::exception& e) {
+    // a transport whose peer is gone may refuse new operations outright (gloo: "Connection
+    // closed by peer"); that is the peer's failure, told like any other
+    fail(std::string(what) + " failed: " + e.what(), action, peer, false);
+  }
+}
+
 void Executor::wait_handle(Handle& h, int action, int peer, const std::string& what,
                            const c10::Stream* stream) {
   try {
@@ -152,13 +175,13 @@ static int64_t torch_itemsize(int64_t code) {
   return static_cast<int64_t>(c10::elementSize(t));
 }
 
-at::Tensor encode_meta(const std::vector<at::Tensor>& tensors) {
+at::Tensor encode_meta(const std::vector<at::Tensor>& tensors, int64_t flags) {
   std::vector<wire::TensorMeta> metas;
   for (const auto& t : tensors) {
     metas.push_back({static_cast<int64_t>(t.scalar_type()), t.sizes().vec()});
   }
   at::Tensor m = at::empty({kMetaLen}, at::TensorOptions().dtype(at::kLong));
-  if (std::string why = wire::encode(metas, m.data_ptr<int64_t>()); !why.empty()) {
+  if (std::string why = wire::encode(metas, flags, m.data_ptr<int64_t>()); !why.empty()) {
     throw std::invalid_argument(why);
   }
   return m;
@@ -170,11 +193,14 @@ Meta decode_meta(const at::Tensor& t) {
   }
   at::Tensor c = t.to(at::kCPU);
   std::vector<wire::TensorMeta> metas;
-  if (std::string why = wire::decode(c.data_ptr<int64_t>(), c.numel(), torch_itemsize, &metas);
+  int64_t flags = 0;
+  if (std::string why =
+          wire::decode(c.data_ptr<int64_t>(), c.numel(), torch_itemsize, &metas, &flags);
       !why.empty()) {
     throw std::invalid_argument(why);
   }
   Meta meta;
+  meta.flags = flags;
   for (auto& m : metas) meta.tensors.emplace_back(static_cast<c10::ScalarType>(m.dtype), std::move(m.shape));
   return meta;
 }
@@ -214,7 +240,7 @@ void Executor::post_recv(const Part& p) {
       events_.mark(streams_->compute)->block(streams_->recv);  // a fresh buffer, as in allocate()
       on_recv.emplace(streams_->recv);
     }
-    box.meta_handle = comm().recv(box.meta, peer, tag(dir, producer, p.mb, 0, true));
+    box.meta_handle = post_op(false, box.meta, peer, tag(dir, producer, p.mb, 0, true), p.action);
     return;
   }
   box.buffers = allocate(recv_meta_.at({dir, p.stage}), dir, p.stage);
@@ -222,8 +248,10 @@ void Executor::post_recv(const Part& p) {
   if (streams_) on_recv.emplace(streams_->recv);
   for (size_t i = 0; i < box.buffers.size(); ++i) {
     box.handles.push_back(
-        comm().recv(box.buffers[i], peer, tag(dir, producer, p.mb, static_cast<int>(i), false)));
+        post_op(false, box.buffers[i], peer, tag(dir, producer, p.mb, static_cast<int>(i), false),
+                p.action));
   }
+  if (options_.checksum) post_trailer_recv(box, dir, producer, p.mb);
 }
 
 void Executor::post_send(const Part& p) {
@@ -270,15 +298,22 @@ void Executor::post_send(const Part& p) {
     events_.mark(streams_->compute)->block(streams_->send);
     on_send.emplace(streams_->send);
   }
+  at::Tensor trailer;
+  if (options_.checksum) trailer = trailer_of(box.tensors, box.tensors.size(), tag(dir, p.stage, p.mb, 0, false));
   if (negotiate_) {
-    at::Tensor meta = encode_meta(box.tensors).to(device_);
-    box.handles.push_back(comm().send(meta, peer, tag(dir, p.stage, p.mb, 0, true)));
+    at::Tensor meta = encode_meta(box.tensors, options_.checksum ? wire::kFlagChecksum : 0).to(device_);
+    box.handles.push_back(post_op(true, meta, peer, tag(dir, p.stage, p.mb, 0, true), p.action));
     box.tensors.push_back(meta);  // kept alive until the send completes
   }
   const size_t n = negotiate_ ? box.tensors.size() - 1 : box.tensors.size();
   for (size_t i = 0; i < n; ++i) {
     box.handles.push_back(
-        comm().send(box.tensors[i], peer, tag(dir, p.stage, p.mb, static_cast<int>(i), false)));
+        post_op(true, box.tensors[i], peer, tag(dir, p.stage, p.mb, static_cast<int>(i), false),
+                p.action));
+  }
+  if (trailer.defined()) {
+    box.handles.push_back(post_op(true, trailer, peer, tag(dir, p.stage, p.mb, 1, true), p.action));
+    box.tensors.push_back(trailer);  // kept alive until the send completes
   }
   outbox_.push_back(std::move(box));
 }
@@ -321,6 +356,13 @@ std::vector<at::Tensor> Executor::take_input(const Part& p, int dir) {
              p.action, box.peer, false);
       }
     }
+    const bool sender_checksums = (meta.flags & wire::kFlagChecksum) != 0;
+    if (sender_checksums != options_.checksum) {
+      fail(std::string("rank ") + std::to_string(box.peer) + " sends " +
+               (sender_checksums ? "with" : "without") + " payload checksums and this rank expects " +
+               (options_.checksum ? "them" : "none") + ": set PPFAST_CHECKSUM alike on every rank",
+           p.action, box.peer, false);
+    }
     if (!options_.dynamic_shapes) recv_meta_[{dir, p.stage}] = meta;
     try {
       box.buffers = allocate(meta, dir, p.stage);
@@ -333,18 +375,66 @@ std::vector<at::Tensor> Executor::take_input(const Part& p, int dir) {
     std::optional<c10::StreamGuard> on_recv;
     if (streams_) on_recv.emplace(streams_->recv);
     for (size_t i = 0; i < box.buffers.size(); ++i) {
-      box.handles.push_back(comm().recv(
-          box.buffers[i], box.peer, tag(dir, producer_stage, p.mb, static_cast<int>(i), false)));
+      box.handles.push_back(post_op(false, box.buffers[i], box.peer,
+                                    tag(dir, producer_stage, p.mb, static_cast<int>(i), false),
+                                    p.action));
     }
+    if (options_.checksum) post_trailer_recv(box, dir, producer_stage, p.mb);
   }
   for (auto& h : box.handles) {
     wait_handle(*h, p.action, box.peer, what, streams_ ? &streams_->compute : nullptr);
   }
+  if (options_.checksum) check_trailer(box, dir, producer, p.mb, p.action, what);
   std::get<2>(comm_[box.comm_index]) = now();
   std::vector<at::Tensor> out = std::move(box.buffers);
   held_[key(dir, p.stage, p.mb)] = out;
   inbox_.erase(it);
   return out;
+}
+
+at::Tensor Executor::trailer_of(const std::vector<at::Tensor>& payload, size_t n,
+                                int64_t message_tag) const {
+  uint64_t h = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor c = payload[i].is_cpu() ? payload[i].contiguous() : payload[i].cpu();
+    h = wire::hash_bytes(c.data_ptr(), c.nbytes(), h);
+  }
+  at::Tensor t = at::empty({wire::kTrailerLen}, at::TensorOptions().dtype(at::kLong));
+  int64_t* d = t.data_ptr<int64_t>();
+  d[0] = wire::kTrailerMark;
+  d[1] = message_tag;
+  d[2] = steps_ - 1;  // the step being run
+  d[3] = static_cast<int64_t>(h);
+  return t.to(device_);
+}
+
+void Executor::post_trailer_recv(Inbox& box, int dir, int producer, int mb) {
+  box.trailer = at::empty({wire::kTrailerLen}, at::TensorOptions().dtype(at::kLong).device(device_));
+  box.trailer_handle =
+      post_op(false, box.trailer, box.peer, tag(dir, producer, mb, 1, true), box.action);
+}
+
+void Executor::check_trailer(Inbox& box, int dir, int producer, int mb, int action,
+                             const std::string& what) {
+  wait_handle(*box.trailer_handle, action, box.peer, what + " (its checksum)");
+  const at::Tensor t = box.trailer.cpu();
+  const int64_t* d = t.data_ptr<int64_t>();
+  const int64_t want_tag = tag(dir, producer, mb, 0, false);
+  const std::string where = " (corrupted, duplicated or reordered in transit)";
+  if (d[0] != wire::kTrailerMark) {
+    fail("the checksum trailer of " + what + " is not one" + where, action, box.peer, false);
+  }
+  if (d[1] != want_tag || d[2] != steps_ - 1) {
+    fail("the checksum trailer of " + what + " belongs to another message (tag " +
+             std::to_string(d[1]) + " of step " + std::to_string(d[2]) + ", not tag " +
+             std::to_string(want_tag) + " of step " + std::to_string(steps_ - 1) + ")" + where,
+         action, box.peer, false);
+  }
+  const at::Tensor mine = trailer_of(box.buffers, box.buffers.size(), want_tag).cpu();
+  if (mine.data_ptr<int64_t>()[3] != d[3]) {
+    fail("the payload of " + what + " does not match its checksum" + where, action, box.peer,
+         false);
+  }
 }
 
 void Executor::release_inputs(int stage, int mb) {
@@ -474,7 +564,7 @@ StepTimes Executor::step() {
       size_t j = i + 1;
       if (is_comm(p.kind)) {
         while (j < parts_.size() && is_comm(parts_[j].kind)) ++j;
-        comm().begin_group();
+        guard_transport([&] { comm().begin_group(); }, parts_[i].action, -1, "opening a group");
         for (size_t k = i; k < j; ++k) {
           const Part& q = parts_[k];
           RECORD_USER_SCOPE(ranges_[q.action]);
@@ -486,7 +576,7 @@ StepTimes Executor::step() {
           }
           end_[q.action] = now();
         }
-        comm().end_group();
+        guard_transport([&] { comm().end_group(); }, parts_[j - 1].action, -1, "posting a group");
       } else {
         while (j < parts_.size() && parts_[j].action == p.action) ++j;
         run_compute(i, j);

@@ -25,6 +25,7 @@
 #include <ATen/ATen.h>
 
 #include <chrono>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -85,16 +86,22 @@ struct StepTimes {
 // The shapes a step that agrees them sends ahead of each tensor list (wire/meta.h).
 struct Meta {
   std::vector<std::pair<c10::ScalarType, std::vector<int64_t>>> tensors;
+  int64_t flags = 0;  // how the sender sends (wire::kFlagChecksum)
   bool operator==(const Meta& o) const { return tensors == o.tensors; }
 };
 // The header of `tensors` (an int64 CPU tensor); std::invalid_argument past the header's limits.
-at::Tensor encode_meta(const std::vector<at::Tensor>& tensors);
+at::Tensor encode_meta(const std::vector<at::Tensor>& tensors, int64_t flags = 0);
 // A received header's shapes; std::invalid_argument saying what is wrong with a malformed one.
 Meta decode_meta(const at::Tensor& header);
 
 struct ExecutorOptions {
   int64_t timeout_ms = 300000;
   bool dynamic_shapes = false;
+  // Each message is followed by a trailer with the hash of its bytes, the message's tag and
+  // the step (wire/checksum.h); the receiver checks it before the data is used. Every rank
+  // must agree (the first step's headers say it). Device tensors are hashed through a host
+  // copy, which waits for them.
+  bool checksum = false;
 };
 
 class Executor {
@@ -124,6 +131,8 @@ class Executor {
     std::shared_ptr<Handle> meta_handle;
     std::vector<at::Tensor> buffers;
     std::vector<std::shared_ptr<Handle>> handles;
+    at::Tensor trailer;  // with checksums: the payload's trailer
+    std::shared_ptr<Handle> trailer_handle;
     size_t comm_index = 0;
   };
   struct Outbox {
@@ -150,9 +159,17 @@ class Executor {
   void finish_outbox(Outbox& box, bool block);
   void poll_sends();
   void release_inputs(int stage, int mb);
+  // With checksums: the trailer of a payload, and the check of a received one.
+  at::Tensor trailer_of(const std::vector<at::Tensor>& payload, size_t n, int64_t tag) const;
+  void post_trailer_recv(Inbox& box, int dir, int producer, int mb);
+  void check_trailer(Inbox& box, int dir, int producer, int mb, int action, const std::string& what);
   // The program's checks (constructor): std::invalid_argument naming the part at fault.
   void check_program(const std::vector<int32_t>& parts);
   [[noreturn]] void fail(const std::string& why, int action, int peer, bool timed_out);
+  // Posts on the step's transport; a transport that refuses (its peer is gone) fails the step
+  // naming the action and the peer, as a failed wait does.
+  std::shared_ptr<Handle> post_op(bool send, const at::Tensor& t, int peer, int64_t tag, int action);
+  void guard_transport(const std::function<void()>& call, int action, int peer, const char* what);
   // Waits with the timeout; with `stream`, only orders that stream after the operation.
   void wait_handle(Handle& h, int action, int peer, const std::string& what,
                    const c10::Stream* stream = nullptr);

@@ -40,6 +40,18 @@ struct AbortState {
   std::vector<std::weak_ptr<C10dHandle>> live;  // operations that may still be pending
   c10::intrusive_ptr<c10d::Backend> backend;    // aborted as a whole where it coalesces (NCCL)
   std::shared_ptr<Transport> negotiation;       // the tag-matched channel beside it, if any
+  // liveness: the peers this rank has exchanged messages with, watched through their beats
+  int rank = -1;
+  std::mutex peers_mutex;
+  std::vector<char> peers;
+
+  std::weak_ptr<AbortState> watched_by;  // a side channel's peers are watched by its main one
+
+  void add_peer(int peer) {
+    if (auto main = watched_by.lock()) return main->add_peer(peer);
+    std::lock_guard<std::mutex> lock(peers_mutex);
+    if (peer >= 0 && peer < static_cast<int>(peers.size())) peers[peer] = 1;
+  }
 
   void raise_if_set() {
     if (!set.load()) return;
@@ -133,8 +145,11 @@ class C10dHandle : public Handle {
 
   static TransportError as_transport_error(const std::exception& e) {
     const std::string why = e.what();
-    const bool timed_out =
-        why.find("imed out") != std::string::npos || why.find("imeout") != std::string::npos;
+    // gloo: "Timed out waiting ..."; NCCL's watchdog: "Watchdog caught collective operation
+    // timeout"; not "Timeout(ms)=", which NCCL's description of every operation holds
+    const bool timed_out = why.find("imed out") != std::string::npos ||
+                           why.find("operation timeout") != std::string::npos ||
+                           why.find("before timing out") != std::string::npos;
     return TransportError(why, timed_out);
   }
 
@@ -194,9 +209,30 @@ class StagedHandle : public Handle {
 
 namespace {
 
-// Every 50 ms: has another rank left a notice? Then fail what is pending here.
+// How often a rank beats, and how long a peer may be silent before it is taken for dead. A
+// beat comes from this thread, not from compute or Python, so a rank that computes for minutes
+// still beats; only a process that died or froze falls silent.
+constexpr auto kBeatEvery = std::chrono::milliseconds(200);
+constexpr auto kSilentFor = std::chrono::milliseconds(1200);
+
+std::string beat_key(const std::string& key, int rank) { return key + "/beat/" + std::to_string(rank); }
+
+// Every 50 ms: has another rank left a notice? Then fail what is pending here. Every 200 ms:
+// beat (a counter under this rank's key), and read the beats of the peers this rank has
+// exchanged messages with; one silent for 1.2 s is dead (or frozen), and what is pending here
+// fails naming it. A rank that dies cannot leave a notice: without beats, its peers would
+// learn of it only from their backend (gloo: a closed connection; NCCL: nothing until its
+// watchdog) or at their timeout.
 void watch(std::shared_ptr<AbortState> state, c10::intrusive_ptr<c10d::Store> store,
            std::string key) {
+  using clock = std::chrono::steady_clock;
+  struct Heard {
+    std::vector<uint8_t> beat;
+    clock::time_point changed;
+  };
+  std::map<int, Heard> heard;
+  int64_t beats = 0;
+  auto next_beat = clock::now();
   while (true) {
     for (int i = 0; i < 5; ++i) {  // 10 ms between checks for the end
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
@@ -204,13 +240,43 @@ void watch(std::shared_ptr<AbortState> state, c10::intrusive_ptr<c10d::Store> st
       if (state->stopping || state->set.load()) return;
     }
     try {
-      if (!store->check({key})) continue;
-      auto bytes = store->get(key);
-      state->fail_pending(std::string(bytes.begin(), bytes.end()));
+      if (store->check({key})) {
+        auto bytes = store->get(key);
+        state->fail_pending(std::string(bytes.begin(), bytes.end()));
+        return;
+      }
+      const auto now = clock::now();
+      if (now < next_beat) continue;
+      next_beat = now + kBeatEvery;
+      const std::string mine = std::to_string(++beats);
+      store->set(beat_key(key, state->rank), std::vector<uint8_t>(mine.begin(), mine.end()));
+      std::vector<int> peers;
+      {
+        std::lock_guard<std::mutex> lock(state->peers_mutex);
+        for (int r = 0; r < static_cast<int>(state->peers.size()); ++r) {
+          if (state->peers[r]) peers.push_back(r);
+        }
+      }
+      for (int r : peers) {
+        const std::string k = beat_key(key, r);
+        if (!store->check({k})) continue;  // it has not beaten yet: nothing to go on
+        auto beat = store->get(k);
+        auto [it, fresh] = heard.try_emplace(r, Heard{beat, now});
+        if (fresh || it->second.beat != beat) {
+          it->second = Heard{std::move(beat), now};
+        } else if (now - it->second.changed > kSilentFor) {
+          state->fail_pending("rank " + std::to_string(r) + " has not been heard from for " +
+                              std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                                 now - it->second.changed)
+                                                 .count()) +
+                              " ms: its process died or froze");
+          return;
+        }
+      }
     } catch (const std::exception&) {
       // the store went away (the job ends): nothing to watch any more
+      return;
     }
-    return;
   }
 }
 
@@ -236,6 +302,11 @@ C10dTransport::C10dTransport(c10::intrusive_ptr<c10d::ProcessGroup> group,
   host_only_ = name == "gloo";
   if (can_coalesce_) abort_->backend = backend_;
   abort_->negotiation = negotiation_;
+  abort_->rank = rank_;
+  abort_->peers.assign(size_, 0);
+  if (auto side = std::dynamic_pointer_cast<C10dTransport>(negotiation_)) {
+    side->abort_->watched_by = abort_;
+  }
   if (store_ && !abort_key_.empty()) watcher_ = std::thread(watch, abort_, store_, abort_key_);
 }
 
@@ -307,6 +378,7 @@ std::shared_ptr<Handle> C10dTransport::post(bool is_send, const at::Tensor& tens
     return std::make_shared<StagedHandle>(std::move(inner), is_send ? at::Tensor() : tensor,
                                           std::move(host));
   }
+  abort_->add_peer(peer);
   std::vector<at::Tensor> t{tensor};
   auto work = is_send ? backend_->send(t, peer, static_cast<int>(tag))
                       : backend_->recv(t, peer, static_cast<int>(tag));

@@ -115,13 +115,17 @@ void NcclEmu::abort() {
   }
 }
 
-std::exception_ptr NcclEmu::watchdog_error(const std::string& what, const std::string& why) const {
+std::exception_ptr NcclEmu::watchdog_error(const std::string& what, const std::string& why,
+                                           bool timed_out) const {
+  // ProcessGroupNCCL's two words for a failed operation: its watchdog's timeout, or an NCCL
+  // error such as a peer that went away (ncclRemoteError)
+  const std::string head =
+      timed_out ? "] Watchdog caught collective operation timeout: WorkNCCL("
+                : "] NCCL error: remote process exited or there was a network error: WorkNCCL(";
   return std::make_exception_ptr(c10::DistBackendError(
       {__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
-      "[Rank " + std::to_string(rank_) +
-          "] Watchdog caught collective operation timeout: WorkNCCL(" + what +
-          ", Timeout(ms)=" + std::to_string(timeout_.count()) + ") failed: " + why +
-          " (nccl_emu)"));
+      "[Rank " + std::to_string(rank_) + head + what + ", Timeout(ms)=" +
+          std::to_string(timeout_.count()) + ") failed: " + why + " (nccl_emu)"));
 }
 
 WorkPtr NcclEmu::enqueue(c10d::OpType type, std::string what, Post post,
@@ -173,15 +177,15 @@ void NcclEmu::run() {
             deadline - std::chrono::steady_clock::now());
         try {
           if (!w->wait(std::max(left, std::chrono::milliseconds(1)))) {
-            throw std::runtime_error("timed out");
+            if (!failure) failure = watchdog_error(item.work->what(), "timed out", true);
           }
         } catch (const std::exception& e) {
           // keep waiting for the rest: gloo breaks a pair whose work is dropped unwaited
-          if (!failure) failure = watchdog_error(item.work->what(), e.what());
+          if (!failure) failure = watchdog_error(item.work->what(), e.what(), left.count() <= 0);
         }
       }
     } catch (const std::exception& e) {
-      failure = watchdog_error(item.work->what(), e.what());
+      failure = watchdog_error(item.work->what(), e.what(), false);
     }
     {
       std::lock_guard<std::mutex> lock(mutex_);

@@ -138,7 +138,8 @@ class NcclEmu : public c10d::Backend {
                                          std::vector<at::Tensor> result = {});
   c10::intrusive_ptr<c10d::Work> p2p(bool is_send, std::vector<at::Tensor>& tensors, int peer);
   void run();
-  std::exception_ptr watchdog_error(const std::string& what, const std::string& why) const;
+  std::exception_ptr watchdog_error(const std::string& what, const std::string& why,
+                                    bool timed_out) const;
 
   c10::intrusive_ptr<c10d::Backend> inner_;
   std::chrono::milliseconds timeout_;

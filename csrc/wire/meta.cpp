@@ -16,14 +16,14 @@ int64_t check_word(const int64_t* d) {
   return static_cast<int64_t>(h);
 }
 
-std::string encode(const std::vector<TensorMeta>& tensors, int64_t* out) {
+std::string encode(const std::vector<TensorMeta>& tensors, int64_t flags, int64_t* out) {
   if (tensors.size() > static_cast<size_t>(kMaxTensors)) {
     return "a stage may pass at most " + std::to_string(kMaxTensors) +
            " tensors to its neighbour, not " + std::to_string(tensors.size());
   }
   for (int64_t i = 0; i < kMetaLen; ++i) out[i] = 0;
   out[0] = kMetaMagic;
-  out[1] = static_cast<int64_t>(tensors.size());
+  out[1] = static_cast<int64_t>(tensors.size()) | (flags << 32);
   int64_t pos = 2;
   for (const auto& t : tensors) {
     if (t.shape.size() > static_cast<size_t>(kMaxDims)) {
@@ -39,7 +39,8 @@ std::string encode(const std::vector<TensorMeta>& tensors, int64_t* out) {
   return "";
 }
 
-std::string decode(const int64_t* d, int64_t n, ItemSize itemsize, std::vector<TensorMeta>* out) {
+std::string decode(const int64_t* d, int64_t n, ItemSize itemsize, std::vector<TensorMeta>* out,
+                   int64_t* flags) {
   const auto s = [](int64_t v) { return std::to_string(v); };
   out->clear();
   std::vector<TensorMeta> tensors;  // handed out only once the whole header has passed
@@ -52,8 +53,12 @@ std::string decode(const int64_t* d, int64_t n, ItemSize itemsize, std::vector<T
   if (d[kMetaLen - 1] != check_word(d)) {
     return "its check word does not match its contents (corrupted in transit)";
   }
-  const int64_t count = d[1];
-  if (count < 0 || count > kMaxTensors) {
+  const int64_t count = d[1] & 0xffffffff;
+  *flags = d[1] >> 32;
+  if (*flags < 0 || (*flags & ~kKnownFlags) != 0) {
+    return "word 1 holds flags " + s(*flags) + "; this version knows " + s(kKnownFlags);
+  }
+  if (count > kMaxTensors) {
     return "it announces " + s(count) + " tensors; at most " + s(kMaxTensors) + " may be sent";
   }
   for (int64_t i = 0; i < kMaxTensors; ++i) {

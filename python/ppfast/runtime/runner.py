@@ -15,15 +15,32 @@ or built by hand); it is lowered here if it holds no communication yet. ``transp
 a ``device``. Received tensors stay valid until the last backward action of their
 (stage, microbatch), or in a forward-only program (``Program.forward_only()``, for
 evaluation) until their forward; keep no reference to them after it.
+
+``checksum`` (default: the environment variable ``PPFAST_CHECKSUM``, 0 or 1) follows every
+message with a hash of its bytes, its tag and the step, which the receiver checks before the
+data is used: a payload corrupted, duplicated, dropped or swapped in transit then fails the
+step with PipelineCommError naming the peer instead of training on. Every rank must agree.
 """
 
 from __future__ import annotations
+
+import os
 
 from .._native import C
 from ..program.engine import encode_rank
 from ..program.ir import Program, format_action
 from ..program.validate import validate
 from .metrics import DeferredStepMetrics, StepMetrics
+
+
+def checksum_from_env() -> bool:
+    """PPFAST_CHECKSUM=1: every message carries a hash its receiver checks (every rank must
+    set it alike; the first step's headers compare)."""
+    value = os.environ.get("PPFAST_CHECKSUM", "0").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"PPFAST_CHECKSUM is 0 or 1, not {value!r}")
+    return value == "1"
+
 
 # transports (by name) that pair a send with its receive by tag; any other pairs by order
 TAG_MATCHED = ("shm", "in-process", "c10d:gloo")
@@ -41,6 +58,7 @@ class RankRunner:
         *,
         timeout: float = 300.0,
         dynamic_shapes: bool = False,
+        checksum: bool | None = None,
     ):
         if not 0 <= rank < program.p:
             raise ValueError(f"rank {rank} is outside the program's {program.p} ranks")
@@ -70,6 +88,7 @@ class RankRunner:
             compute,
             int(timeout * 1000),
             dynamic_shapes,
+            checksum_from_env() if checksum is None else checksum,
         )
         self.last: dict | None = None
 
