@@ -63,19 +63,26 @@ def test_messages_of_every_size_arrive_intact():
 
 
 def many_in_flight(rank: int, world: int) -> dict:
-    """Rank 0 sends 3 lanes' worth of messages with distinct tags before rank 1 waits for any;
-    rank 1 posts every receive, then waits for them newest first."""
+    """Rank 0 sends 3 lanes' worth of messages with distinct tags and looks which are done
+    before rank 1 touches the transport; rank 1 then posts every receive, and waits for them
+    newest first."""
+    import torch.distributed as dist
+
     t = _shm(rank, world)
     n = 3 * SLOTS
     if rank == 0:
         hs = [t.send(torch.full((100 + i,), float(i)), 1, 1000 + i) for i in range(n)]
-        started = sum(h.done() for h in hs)
+        # A send is done once its message is copied into a free slot of the lane; the rest
+        # queue, in order, until the receiver takes messages out. Nothing has been taken yet.
+        done_before_drain = [h.done() for h in hs]
+        dist.barrier()  # only now may rank 1 post receives (each drains the lane)
         for h in hs:
             h.wait(WAIT)
         # two messages with one tag arrive in the order they were sent
         for k in range(3):
             t.send(torch.full((8,), float(k)), 1, 77).wait(WAIT)
-        return {"done_at_once": started}
+        return {"done_before_drain": done_before_drain}
+    dist.barrier()
     bufs = [torch.empty(100 + i) for i in range(n)]
     hs = [t.recv(b, 0, 1000 + i) for i, b in enumerate(bufs)]
     for h in reversed(hs):
@@ -91,8 +98,10 @@ def many_in_flight(rank: int, world: int) -> dict:
 
 def test_receives_taken_in_any_order_with_more_messages_than_slots():
     sender, receiver = run_ranks(many_in_flight, 2, timeout=60.0)
-    # the sender could not post more than a lane holds before the receiver drained it
-    assert sender["done_at_once"] <= 3 * SLOTS
+    # before the receiver drained the lane, exactly a lane's worth of sends were done, the
+    # first ones: a later send never takes a slot ahead of one queued before it
+    done = sender["done_before_drain"]
+    assert done == [True] * SLOTS + [False] * (2 * SLOTS), f"{sum(done)} of {len(done)} done"
     assert receiver["ok"]
     assert receiver["order"] == [0.0, 1.0, 2.0]
 
@@ -114,6 +123,11 @@ def test_a_message_that_does_not_fit_its_buffer_is_an_error():
     assert "40 bytes from rank 0" in msg and "48-byte receive buffer" in msg, msg
 
 
+# A wait that must end because the peer gave up or died, not at its timeout: so long that a
+# wait which ran into it ("timed out") would have the test fail, at run_ranks' limit above it.
+LONG_WAIT = 120.0
+
+
 def fail_rank_0(rank: int, world: int, how: str) -> dict:
     """Rank 0 gives up (abort) or exits 0.3 s in; rank 1 waits for a message from it."""
     t = _shm(rank, world)
@@ -123,24 +137,21 @@ def fail_rank_0(rank: int, world: int, how: str) -> dict:
             t.abort("rank 0 raised: out of memory")
             return {}
         os._exit(1)
-    start = time.monotonic()
     try:
-        t.recv(torch.empty(4), 0, 1).wait(WAIT)
+        t.recv(torch.empty(4), 0, 1).wait(LONG_WAIT)
     except RuntimeError as e:
-        return {"message": str(e), "elapsed": time.monotonic() - start}
+        return {"message": str(e)}
     return {"message": "no error"}
 
 
 def test_a_peer_that_gives_up_fails_the_wait_at_once():
-    _, got = run_ranks(fail_rank_0, 2, "abort", timeout=60.0)
+    _, got = run_ranks(fail_rank_0, 2, "abort", timeout=LONG_WAIT + 60.0)
     assert "rank 0 gave up: rank 0 raised: out of memory" in got["message"], got
-    assert got["elapsed"] < WAIT / 2, got
 
 
 def test_a_peer_that_dies_fails_the_wait_without_its_timeout():
-    got = run_ranks(fail_rank_0, 2, "exit", timeout=60.0, may_exit={0})[1]
+    got = run_ranks(fail_rank_0, 2, "exit", timeout=LONG_WAIT + 60.0, may_exit={0})[1]
     assert "rank 0 (pid" in got["message"] and "has exited" in got["message"], got
-    assert got["elapsed"] < WAIT / 2, got
 
 
 def leaves_nothing(rank: int, world: int) -> dict:
