@@ -8,9 +8,9 @@ tied gradients are summed under a barrier. fp32, rtol=1e-5, atol=1e-6, 3 optimiz
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -129,17 +129,65 @@ def test_pipe_refuses_bad_tie_names(tied, error, words):
         ppfast.Pipe(stages, ["cpu"] * 2, chunks=2, loss_fn=tsb.loss_fn, tied=tied)
 
 
+# The waits below could only end by a failing rank waking them: their timeout is NEVER.
+NEVER = 1e6
+# Not a timing: only what keeps a broken abort (a wait that never ends) from hanging the suite.
+HANG_GUARD = 60.0
+
+
+def record_ranks(pipe: ppfast.Pipe) -> dict:
+    """What each rank's thread raised in the next step (None: it returned)."""
+    seen: dict = {}
+    for r, sched in enumerate(pipe.schedules):
+        run = sched._run_microbatches
+
+        def recorded(*args, _run=run, _r=r, **kwargs):
+            seen[_r] = None
+            try:
+                return _run(*args, **kwargs)
+            except BaseException as e:
+                seen[_r] = e
+                raise
+
+        sched._run_microbatches = recorded
+    return seen
+
+
+def in_thread(fn) -> BaseException | None:
+    """What ``fn()`` raised (None if it returned), run in a thread that must end."""
+    out: list = [None]
+
+    def run():
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            out[0] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(HANG_GUARD)
+    assert not t.is_alive(), "still waiting: nothing woke it"
+    return out[0]
+
+
 def test_mismatched_tie_is_refused_at_the_first_step_before_any_compute():
     stages = [ppfast.nn.convert(s) for s in tsb.build(2)]
     tsb.untie(stages)
     before = [q.detach().clone() for s in stages for q in s.parameters()]
     pipe = ppfast.Pipe(stages, ["cpu"] * 2, chunks=2, schedule="zb-h1", loss_fn=tsb.loss_fn,
-                       tied=[("0.embed.weight", "1.proj_out.weight")], timeout=10)  # fmt: skip
+                       tied=[("0.embed.weight", "1.proj_out.weight")], timeout=NEVER)  # fmt: skip
+    calls = []  # every module's forward, on either rank
+    for m in (m for s in stages for m in s.modules()):
+        m.register_forward_pre_hook(lambda mod, args: calls.append(mod))
+    ranks = record_ranks(pipe)
     ids, target = tsb.batch(2, 0)
-    t0 = time.monotonic()
-    with pytest.raises(ValueError, match=r"'0.embed.weight'.*stage 0: \[24, 16\].*stage 1: \[16"):
-        pipe.step(ids, target=target)
-    assert time.monotonic() - t0 < 5
+    err = in_thread(lambda: pipe.step(ids, target=target))
+    assert isinstance(err, ValueError), err
+    assert re.search(r"'0.embed.weight'.*stage 0: \[24, 16\].*stage 1: \[16", str(err)), err
+    assert calls == []
+    # stage 1 sees the mismatch; stage 0, waiting to compare, is woken by it
+    assert isinstance(ranks[1], ValueError), ranks
+    assert isinstance(ranks[0], PipelineCommError) and "another rank failed" in str(ranks[0])
     after = [q.detach() for s in stages for q in s.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     assert all(q.grad is None for s in stages for q in s.parameters())
@@ -169,23 +217,22 @@ def test_a_key_only_one_stage_declares_is_refused():
 
 
 def test_ranks_waiting_to_sum_give_up_when_one_fails():
-    group = ThreadTies(2, timeout=30)
-    errors = []
+    group = ThreadTies(2, timeout=NEVER)
+    barrier = group.group._barrier
 
     def wait():
-        try:
-            group.bind(0).gather({})
-        except PipelineCommError as e:
-            errors.append(e)
+        group.bind(0).gather({})
 
-    t = threading.Thread(target=wait)
-    t0 = time.monotonic()
-    t.start()
-    time.sleep(0.2)
-    group.abort()
-    t.join(5)
-    assert errors and time.monotonic() - t0 < 5
-    assert errors[0].rank == 0 and "another rank failed" in str(errors[0])
+    def abort_once_waiting():
+        while barrier.n_waiting == 0:  # rank 0 is inside the wait when the abort comes
+            threading.Event().wait(0.001)
+        group.abort()
+
+    aborter = threading.Thread(target=abort_once_waiting, daemon=True)
+    aborter.start()
+    err = in_thread(wait)
+    assert isinstance(err, PipelineCommError), err
+    assert err.rank == 0 and "another rank failed" in str(err)
 
 
 def test_pipe_with_ties_trains_again_after_a_failed_step():
