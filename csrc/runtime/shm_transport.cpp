@@ -166,7 +166,9 @@ int create_segment(const std::string& name, size_t bytes) {
   return fd;
 }
 
-// Opens an existing segment and fills *st; -1 while it does not exist yet.
+// Opens an existing segment and fills *st; -1 while it does not exist yet. A segment that
+// another user owns, or that group or others may open, is refused: whoever could write it
+// could make this rank read or write out of bounds, or read what it sends.
 int open_segment(const std::string& name, struct stat* st) {
   const int fd = shm_open(name.c_str(), O_RDWR, 0);
   if (fd < 0) {
@@ -177,6 +179,18 @@ int open_segment(const std::string& name, struct stat* st) {
     const std::string why = sys_error("fstat of " + name);
     close(fd);
     throw TransportError(why, false);
+  }
+  if (st->st_uid != geteuid() || (st->st_mode & 077) != 0) {
+    close(fd);
+    char mode[8];
+    std::snprintf(mode, sizeof(mode), "%04o", static_cast<unsigned>(st->st_mode & 07777));
+    throw TransportError("refusing shared-memory segment " + name + ": owned by uid " +
+                             std::to_string(st->st_uid) + " with mode " + mode +
+                             ", but it must belong to this process's user (uid " +
+                             std::to_string(geteuid()) +
+                             ") and be closed to group and others (mode 0600); another user "
+                             "or a stale file holds the name",
+                         false);
   }
   return fd;
 }
@@ -346,7 +360,15 @@ struct ShmState {
       seg.unmap();
       const std::string seg_name = data_name(src, rank, index, slot.gen);
       struct stat st;
-      const int fd = open_segment(seg_name, &st);
+      int fd;
+      try {
+        fd = open_segment(seg_name, &st);
+      } catch (const TransportError& e) {
+        op.error = "rank " + std::to_string(src) + "'s message in slot " + std::to_string(index) +
+                   " (tag " + std::to_string(slot.tag) + "): " + e.what();
+        op.tensor = at::Tensor();
+        return;
+      }
       if (fd >= 0 && static_cast<uint64_t>(st.st_size) >= slot.capacity) {
         try {
           seg.ptr = map_fd(fd, slot.capacity, seg_name);
@@ -515,7 +537,7 @@ void ShmTransport::connect(std::chrono::milliseconds timeout) {
     int fd = -1;
     for (;;) {
       struct stat info;
-      fd = open_segment(name, &info);
+      fd = open_segment(name, &info);  // refuses a segment that is not this user's own
       if (fd >= 0 && static_cast<size_t>(info.st_size) >= bytes) {  // else not sized yet
         try {
           p = map_fd(fd, bytes, name);

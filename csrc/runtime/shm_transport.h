@@ -34,6 +34,9 @@
 // is destroyed, which waits for its receiver (a sweep takes it only once it is a minute old).
 // POSIX record locks conflict with OFD locks, flock() locks do not; the sweep uses OFD locks.
 //
+// Trust. Only segments that this process's effective uid owns and that group and others
+// cannot open (mode 0600, as they are created) are mapped.
+//
 // Failure. abort() marks every peer's inbox with this rank and the reason; waits check it,
 // check that the peer still holds its lock, and time out.
 #pragma once

@@ -1,4 +1,5 @@
-"""The shared-memory transport where ranks do not share a PID namespace.
+"""The shared-memory transport where ranks do not share a PID namespace, and where someone
+else could write its segments.
 
 Liveness is a lock each rank holds on its inbox, not its pid: a peer in another PID namespace
 (a container sharing /dev/shm) has a pid that means nothing here. The tests run that peer
@@ -309,3 +310,67 @@ def test_sweep_sees_the_locks_the_transport_takes():
         del t0, t1
         _cleanup(name)
         _cleanup(dead)
+
+
+# ---------------------------------------------------------------- owners and modes
+
+
+def _plant(path: str, bytes_: int, mode: int, uid: int = -1) -> None:
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        os.ftruncate(fd, bytes_)
+        os.fchmod(fd, mode)
+        if uid >= 0:
+            os.fchown(fd, uid, -1)
+    finally:
+        os.close(fd)
+
+
+@needs_shm
+@pytest.mark.parametrize(
+    "uid, mode", [(-1, 0o644), (-1, 0o620), (4242, 0o600)], ids=["others", "group", "owner"]
+)
+def test_an_inbox_others_could_write_or_another_user_owns_is_refused(uid, mode):
+    from ppfast._native import C
+
+    if uid >= 0 and os.geteuid() != 0:
+        pytest.skip("giving a file to another user needs root")
+    name = _group_name()
+    t = C.ShmTransport(name, 0, 2)
+    planted = f"{name}-in-1"
+    _plant(f"{SHM}{planted}", 1 << 20, mode, uid)
+    try:
+        with pytest.raises(RuntimeError) as err:
+            t.connect(WAIT)
+    finally:
+        del t
+        _cleanup(name)
+    owner = uid if uid >= 0 else os.geteuid()
+    want = f"refusing shared-memory segment {planted}: owned by uid {owner} with mode 0{mode:o}"
+    assert want in str(err.value), err.value
+
+
+@needs_shm
+def test_a_data_segment_others_could_write_is_refused():
+    """Rank 0's message segment is opened up to group and others before rank 1 maps it."""
+    from ppfast._native import C
+
+    name = _group_name()
+    t0, t1 = C.ShmTransport(name, 0, 2), C.ShmTransport(name, 1, 2)
+    try:
+        t0.connect(WAIT)
+        t1.connect(WAIT)
+        t0.unlink_names()
+        t1.unlink_names()
+        t0.send(torch.ones(1000), 1, 4).wait(WAIT)
+        (segment,) = glob.glob(f"{SHM}/ppfast-{os.getpid()}-*-1-0-1")
+        os.chmod(segment, 0o666)
+        with pytest.raises(RuntimeError) as err:
+            t1.recv(torch.empty(1000), 0, 4).wait(WAIT)
+    finally:
+        del t0, t1
+        for path in glob.glob(f"{SHM}/ppfast-{os.getpid()}-*-1-0-1"):
+            os.unlink(path)
+    want = f"refusing shared-memory segment {segment[len(SHM) :]}: owned by uid {os.geteuid()}"
+    assert want in str(err.value) and "mode 0666" in str(err.value), err.value
+    assert "rank 0's message in slot 0" in str(err.value), err.value

@@ -16,7 +16,8 @@ behind is removed then too: names that no process holds a lock on, a minute old 
 Every rank locks its inbox, and every sender a data segment while its name exists, with an
 open-file-description lock that the kernel drops when the process dies, so ranks in other
 PID namespaces (containers sharing /dev/shm) are judged alive or dead alike; the pid in a
-name is not used for that (``csrc/runtime/shm_transport.h`` says more).
+name is not used for that. Only segments of this user, closed to group and others, are mapped
+(``csrc/runtime/shm_transport.h`` says more).
 """
 
 from __future__ import annotations
