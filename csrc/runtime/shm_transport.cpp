@@ -30,6 +30,8 @@ constexpr int kSlots = 64;                          // messages in flight from o
 constexpr uint32_t kFree = 0, kFull = 1;
 constexpr size_t kMinSegment = 64 << 10;
 
+// A slot's fields are written by the peer and are checked before they size a copy. (The
+// hardening tests find a slot by its tag and rewrite the fields after it: keep their order.)
 struct alignas(64) Slot {
   std::atomic<uint32_t> state;  // kFree or kFull; only the sender fills, only the receiver frees
   uint32_t pad;
@@ -342,51 +344,87 @@ struct ShmState {
     }
   }
 
+  // Copies slot `index` of src's lane into op's buffer, or sets op.error. The slot's fields
+  // come from shared memory: they are read once and checked against each other and against
+  // the segment they name before any byte is copied, so a corrupt slot fails this receive
+  // instead of reading out of bounds.
   void deliver(int src, int index, RecvOp& op) {
     const Slot& slot = mine()->lanes[src].slots[index];
-    const size_t nbytes = op.tensor.nbytes();
+    const uint64_t nbytes = slot.nbytes, gen = slot.gen, capacity = slot.capacity;
+    const size_t want = op.tensor.nbytes();
     Mapping& seg = in[src][index];
-    if (slot.nbytes != nbytes) {
-      if (slot.nbytes > 0 && seg.gen != slot.gen) {  // dropped unread: its name goes now
-        shm_unlink(data_name(src, rank, index, slot.gen).c_str());
-      }
-      op.error = "message of " + std::to_string(slot.nbytes) + " bytes from rank " +
-                 std::to_string(src) + " does not fit a " + std::to_string(nbytes) +
-                 "-byte receive buffer";
+    auto fail = [&](const std::string& why) {
+      op.error = why;
       op.tensor = at::Tensor();
+    };
+    auto from = [&] {
+      return "rank " + std::to_string(src) + "'s message in slot " + std::to_string(index) +
+             " (tag " + std::to_string(slot.tag) + ")";
+    };
+    if (nbytes != want) {
+      if (nbytes > 0 && seg.gen != gen) {  // dropped unread: its name goes now
+        shm_unlink(data_name(src, rank, index, gen).c_str());
+      }
+      fail("message of " + std::to_string(nbytes) + " bytes from rank " + std::to_string(src) +
+           " does not fit a " + std::to_string(want) + "-byte receive buffer");
       return;
     }
-    if (nbytes > 0 && (seg.ptr == nullptr || seg.gen != slot.gen)) {
+    if (nbytes > 0) {
+      std::string bad;
+      if (gen == 0 || gen < seg.gen) {
+        bad = "names data segment generation " + std::to_string(gen) + " (last mapped: " +
+              std::to_string(seg.gen) + ")";
+      } else if (capacity < nbytes) {
+        bad = "claims " + std::to_string(nbytes) + " bytes in a " + std::to_string(capacity) +
+              "-byte data segment";
+      } else if (capacity % 4096 != 0 || capacity < kMinSegment) {
+        bad = "gives its data segment a capacity of " + std::to_string(capacity) +
+              " bytes, which no sender makes";
+      } else if (seg.ptr != nullptr && seg.gen == gen && seg.bytes != capacity) {
+        bad = "gives generation " + std::to_string(gen) + "'s data segment a capacity of " +
+              std::to_string(capacity) + " bytes, but it was mapped with " +
+              std::to_string(seg.bytes);
+      }
+      if (!bad.empty()) {
+        fail(from() + " is corrupt: it " + bad);
+        return;
+      }
+    }
+    if (nbytes > 0 && (seg.ptr == nullptr || seg.gen != gen)) {
       seg.unmap();
-      const std::string seg_name = data_name(src, rank, index, slot.gen);
+      const std::string seg_name = data_name(src, rank, index, gen);
       struct stat st;
       int fd;
       try {
         fd = open_segment(seg_name, &st);
       } catch (const TransportError& e) {
-        op.error = "rank " + std::to_string(src) + "'s message in slot " + std::to_string(index) +
-                   " (tag " + std::to_string(slot.tag) + "): " + e.what();
-        op.tensor = at::Tensor();
+        fail(from() + ": " + e.what());
         return;
       }
-      if (fd >= 0 && static_cast<uint64_t>(st.st_size) >= slot.capacity) {
-        try {
-          seg.ptr = map_fd(fd, slot.capacity, seg_name);
-        } catch (...) {
-          close(fd);
-          throw;
-        }
-      }
-      if (fd >= 0) close(fd);
-      if (seg.ptr == nullptr) {
-        op.error = "rank " + std::to_string(src) + "'s data segment " + seg_name + " is missing";
-        op.tensor = at::Tensor();
+      if (fd < 0) {
+        fail("rank " + std::to_string(src) + "'s data segment " + seg_name + " is missing");
         return;
       }
-      seg.bytes = slot.capacity;
-      seg.gen = slot.gen;
-      shm_unlink(seg_name.c_str());  // both sides hold it now
+      shm_unlink(seg_name.c_str());  // both sides hold it now (or it is refused below)
+      if (static_cast<uint64_t>(st.st_size) < capacity) {  // mapping past its end: SIGBUS
+        close(fd);
+        fail(from() + " is corrupt: it gives its data segment " + seg_name + " a capacity of " +
+             std::to_string(capacity) + " bytes, but the segment has " +
+             std::to_string(st.st_size));
+        return;
+      }
+      try {
+        seg.ptr = map_fd(fd, capacity, seg_name);
+      } catch (const TransportError& e) {
+        close(fd);
+        fail(e.what());
+        return;
+      }
+      close(fd);
+      seg.bytes = capacity;
+      seg.gen = gen;
     }
+    // nbytes <= capacity == seg.bytes, the length of the mapping, checked above
     if (nbytes > 0) std::memcpy(op.tensor.data_ptr(), seg.ptr, nbytes);
     op.tensor = at::Tensor();
     op.done = true;
@@ -398,7 +436,10 @@ struct ShmState {
   void check_peers(int peer) {
     const int32_t by = mine()->aborted_by.load(std::memory_order_acquire);
     if (by >= 0) {
-      throw TransportError("rank " + std::to_string(by) + " gave up: " +
+      // written by a peer: a rank number only when it is one
+      const std::string who = by < size ? "rank " + std::to_string(by)
+                                        : "an unknown rank (" + std::to_string(by) + ")";
+      throw TransportError(who + " gave up: " +
                                std::string(mine()->why, strnlen(mine()->why, sizeof(mine()->why))),
                            false);
     }

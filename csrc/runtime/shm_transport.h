@@ -35,7 +35,12 @@
 // POSIX record locks conflict with OFD locks, flock() locks do not; the sweep uses OFD locks.
 //
 // Trust. Only segments that this process's effective uid owns and that group and others
-// cannot open (mode 0600, as they are created) are mapped.
+// cannot open (mode 0600, as they are created) are mapped. Everything read from shared
+// memory is checked before it is used: an inbox's group size and owner rank; the rank named
+// by an abort; a slot's size against its capacity, its capacity against the segment it names
+// (by fstat when mapped, by the mapping's length after) and its generation against the last
+// one mapped. A bad field fails that receive with an error naming the source rank, never a
+// read out of bounds.
 //
 // Failure. abort() marks every peer's inbox with this rank and the reason; waits check it,
 // check that the peer still holds its lock, and time out.

@@ -1,5 +1,5 @@
-"""The shared-memory transport where ranks do not share a PID namespace, and where someone
-else could write its segments.
+"""The shared-memory transport where ranks do not share a PID namespace, where someone else
+could write its segments, and where a slot says more than its segment holds.
 
 Liveness is a lock each rank holds on its inbox, not its pid: a peer in another PID namespace
 (a container sharing /dev/shm) has a pid that means nothing here. The tests run that peer
@@ -8,16 +8,23 @@ a dead peer looks alive by pid) or dead here (so a live peer looks dead by pid).
 this file run as a script (``python test_shm_hardening.py <mode> ...``), building
 ``ppfast._C.ShmTransport`` directly with a name shared through its command line and
 coordinating over its stdin and stdout.
+
+Slot fields are corrupted by mapping the receiver's inbox from Python before its name is
+unlinked: a test rewrites the fields of the slot its message is in, found by the message's
+tag, then receives. Those runs are subprocesses too, so that a receiver that reads out of
+bounds fails its test by the signal that kills it instead of taking pytest down.
 """
 
 from __future__ import annotations
 
 import fcntl
 import glob
+import mmap
 import os
 import secrets
 import selectors
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -31,6 +38,10 @@ WAIT = 20.0
 SHM = "/dev/shm"
 HERE = os.path.abspath(__file__)
 UNSHARE = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--kill-child"]
+# A slot (struct Slot in shm_transport.cpp): state, pad, then tag; the message's size, its
+# segment's generation and capacity follow the tag 16, 24 and 32 bytes on.
+SLOT_ALIGN, STATE_TO_TAG, NBYTES, GEN, CAPACITY = 64, 8, 16, 24, 32
+TAG = 0x5EED_0000_0000_0001
 OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
 WHOLE_FILE = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
 
@@ -104,6 +115,64 @@ def _lock_main(path: str) -> None:
     sys.stdin.read()
 
 
+def _slot_offset(inbox: mmap.mmap, tag: int) -> int:
+    """Where the full slot holding the message with ``tag`` starts in a mapped inbox."""
+    for off in range(0, len(inbox) - SLOT_ALIGN + 1, SLOT_ALIGN):
+        state, got = struct.unpack_from("I4xq", inbox, off)
+        if state == 1 and got == tag:
+            return off
+    raise AssertionError(f"no full slot with tag {tag:#x} in the inbox")
+
+
+def _corrupt_main(case: str) -> None:
+    """Rank 0 sends rank 1 a 4000-byte message (its data segment holds 64 KiB); rank 1's slot
+    is rewritten as ``case`` says before rank 1 receives. Prints the receive's error."""
+    from ppfast._native import C
+
+    name = _group_name()
+    t0, t1 = C.ShmTransport(name, 0, 2), C.ShmTransport(name, 1, 2)
+    t0.connect(WAIT)
+    t1.connect(WAIT)
+    fd = os.open(f"{SHM}{name}-in-1", os.O_RDWR)
+    inbox = mmap.mmap(fd, os.fstat(fd).st_size)
+    os.close(fd)
+    t0.unlink_names()
+    t1.unlink_names()
+    if case == "abort-by-unknown-rank":
+        # the abort word: the header's first 64-byte-aligned word that holds -1 (no abort)
+        at = next(o for o in range(64, 1024, 64) if struct.unpack_from("i", inbox, o)[0] == -1)
+        inbox[at + 4 : at + 9] = b"bogus"
+        struct.pack_into("i", inbox, at, 7)  # a 2-rank group has no rank 7
+        try:
+            t1.recv(torch.empty(4), 0, TAG).wait(WAIT)
+        except RuntimeError as e:
+            print("error:", e, flush=True)
+        return
+    x = torch.arange(1000.0)
+    if case == "capacity-of-mapped-segment":  # a first message maps the segment
+        t0.send(x, 1, TAG).wait(WAIT)
+        t1.recv(torch.empty(1000), 0, TAG).wait(WAIT)
+    t0.send(x, 1, TAG).wait(WAIT)
+    tag_at = _slot_offset(inbox, TAG) + STATE_TO_TAG
+    nbytes, gen, capacity = struct.unpack_from("qqq", inbox, tag_at + NBYTES)
+    assert (nbytes, capacity) == (4000, 64 << 10), (nbytes, capacity)
+    if case == "size-beyond-capacity":
+        nbytes = capacity + 4096
+    elif case in ("capacity-beyond-segment", "capacity-of-mapped-segment"):
+        nbytes = capacity = 1 << 20
+    elif case == "generation-0":
+        gen = 0
+    else:
+        raise AssertionError(case)
+    struct.pack_into("qqq", inbox, tag_at + NBYTES, nbytes, gen, capacity)
+    try:
+        t1.recv(torch.empty(nbytes // 4), 0, TAG).wait(WAIT)
+    except RuntimeError as e:
+        print("error:", e, flush=True)
+    else:
+        print("no error", flush=True)
+
+
 if __name__ == "__main__":
     cmd, *rest = sys.argv[1:]
     if cmd == "peer":
@@ -112,6 +181,8 @@ if __name__ == "__main__":
         _at_pid(int(rest[0]), rest[1:])
     elif cmd == "lock":
         _lock_main(rest[0])
+    elif cmd == "corrupt":
+        _corrupt_main(rest[0])
     else:
         sys.exit(f"unknown command {cmd}")
 
@@ -374,3 +445,48 @@ def test_a_data_segment_others_could_write_is_refused():
     want = f"refusing shared-memory segment {segment[len(SHM) :]}: owned by uid {os.geteuid()}"
     assert want in str(err.value) and "mode 0666" in str(err.value), err.value
     assert "rank 0's message in slot 0" in str(err.value), err.value
+
+
+# ---------------------------------------------------------------- slots that say too much
+
+
+def _corrupted(case: str) -> str:
+    """What ``python test_shm_hardening.py corrupt <case>`` printed."""
+    done = subprocess.run(
+        [sys.executable, HERE, "corrupt", case], capture_output=True, text=True, timeout=60
+    )
+    if done.returncode < 0:
+        pytest.fail(
+            f"the receiver was killed by {signal.Signals(-done.returncode).name}:\n{done.stderr}"
+        )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+# what each corruption (_corrupt_main) must be told apart by
+CORRUPT = {
+    "size-beyond-capacity": "claims 69632 bytes in a 65536-byte data segment",
+    "capacity-beyond-segment": "a capacity of 1048576 bytes, but the segment has 65536",
+    "capacity-of-mapped-segment": (
+        "gives generation 1's data segment a capacity of 1048576 bytes, but it was mapped with "
+        "65536"
+    ),
+    "generation-0": "names data segment generation 0",
+}
+
+
+@needs_shm
+@pytest.mark.parametrize("case", list(CORRUPT))
+def test_a_corrupt_slot_fails_the_receive_naming_its_source(case):
+    """Each case makes the slot claim more than its segment holds (or a segment that cannot
+    be its own); without the checks the receiver copies past the end of its mapping."""
+    want = CORRUPT[case]
+    out = _corrupted(case)
+    assert out.startswith("error: rank 0's message in slot 0 (tag"), out
+    assert "is corrupt" in out and want in out, out
+
+
+@needs_shm
+def test_an_abort_by_a_rank_outside_the_group_is_not_taken_for_one_of_its_ranks():
+    out = _corrupted("abort-by-unknown-rank")
+    assert out == "error: an unknown rank (7) gave up: bogus", out
