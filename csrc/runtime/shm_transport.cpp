@@ -3,7 +3,6 @@
 
 #include <fcntl.h>
 #include <linux/futex.h>
-#include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -31,6 +30,8 @@ constexpr int kSlots = 64;                          // messages in flight from o
 constexpr uint32_t kFree = 0, kFull = 1;
 constexpr size_t kMinSegment = 64 << 10;
 
+// A slot's fields are written by the peer and are checked before they size a copy. (The
+// hardening tests find a slot by its tag and rewrite the fields after it: keep their order.)
 struct alignas(64) Slot {
   std::atomic<uint32_t> state;  // kFree or kFull; only the sender fills, only the receiver frees
   uint32_t pad;
@@ -49,7 +50,7 @@ struct Lane {                           // messages from one rank to the inbox's
 struct Inbox {
   std::atomic<uint64_t> magic;  // written last by the owner: the inbox is ready
   int32_t size, owner;
-  int64_t pid;
+  int64_t pid;  // for messages only: in another PID namespace it names another process
   alignas(64) std::atomic<uint32_t> posted;      // bumped by a sender after filling a slot
   alignas(64) std::atomic<int32_t> aborted_by;  // -1, or the rank that gave up
   char why[512];
@@ -72,34 +73,86 @@ void futex_wait(std::atomic<uint32_t>* addr, uint32_t seen, long us) {
 
 std::string sys_error(const std::string& what) { return what + ": " + std::strerror(errno); }
 
+// Whole-file write locks on open file descriptions (OFD locks). The kernel drops one when the
+// last descriptor of its open file description closes, that is when its process dies, in
+// whatever PID namespace that process lives; another process sees it through any descriptor
+// of the same file, even after the name is unlinked. POSIX record locks conflict with them,
+// flock() locks do not: transports.sweep() tests with the same OFD lock.
+void whole_file(struct flock* fl) {
+  std::memset(fl, 0, sizeof(*fl));
+  fl->l_type = F_WRLCK;
+  fl->l_whence = SEEK_SET;  // l_start = l_len = 0: the whole file, however long
+}
+
+bool lock_file(int fd) {
+  struct flock fl;
+  whole_file(&fl);
+  return fcntl(fd, F_OFD_SETLK, &fl) == 0;
+}
+
+// 1 when some other open file description holds a lock on fd's file, 0 when none does, -1 when
+// the kernel cannot say.
+int lock_held(int fd) {
+  struct flock fl;
+  whole_file(&fl);
+  if (fcntl(fd, F_OFD_GETLK, &fl) != 0) return -1;
+  return fl.l_type != F_UNLCK ? 1 : 0;
+}
+
 // A mapped shared-memory object.
 struct Mapping {
   void* ptr = nullptr;
   size_t bytes = 0;
   uint64_t gen = 0;
   std::string name;  // non-empty while this side may still have to unlink it
+  int fd = -1;       // holds the lock that says the creator is alive; -1 when not the creator
 
   void unmap() {
     if (ptr != nullptr) munmap(ptr, bytes);
     ptr = nullptr;
     bytes = 0;
   }
+  // Removes the name (if this side still has to) and then drops the lock that guarded it.
+  void unlink_name() {
+    if (!name.empty()) shm_unlink(name.c_str());
+    forget_name();
+  }
+  // The name is gone or left to the peer: stop guarding it.
+  void forget_name() {
+    name.clear();
+    if (fd >= 0) close(fd);
+    fd = -1;
+  }
 };
 
 void* map_fd(int fd, size_t bytes, const std::string& name) {
   void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-  close(fd);
   if (p == MAP_FAILED) throw TransportError(sys_error("mmap of " + name), false);
   return p;
 }
 
-void* create_segment(const std::string& name, size_t bytes) {
+// Creates, sizes and locks a segment; returns its descriptor, which keeps the lock.
+int create_segment(const std::string& name, size_t bytes) {
   int fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
-  if (fd < 0 && errno == EEXIST) {  // left over by a run that died: its name is ours now
+  if (fd < 0 && errno == EEXIST) {
+    // Left over by a run that died, the name is ours now; one that a live process still locks
+    // is not (another user's, which we could not open, stays too: the retry then fails).
+    const int old = shm_open(name.c_str(), O_RDWR, 0);
+    const int held = old >= 0 ? lock_held(old) : 0;
+    if (old >= 0) close(old);
+    if (held == 1) {
+      throw TransportError("shared-memory name " + name + " is in use by a live process", false);
+    }
     shm_unlink(name.c_str());
     fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
   }
   if (fd < 0) throw TransportError(sys_error("shm_open of " + name), false);
+  if (!lock_file(fd)) {  // a new file: only a kernel without OFD locks refuses
+    const std::string why = sys_error("cannot lock " + name);
+    close(fd);
+    shm_unlink(name.c_str());
+    throw TransportError(why, false);
+  }
   // Reserve the pages now: a full /dev/shm is then this error, not a SIGBUS at the memcpy.
   const int err = posix_fallocate(fd, 0, static_cast<off_t>(bytes));
   if (err != 0) {
@@ -112,22 +165,36 @@ void* create_segment(const std::string& name, size_t bytes) {
                              "--shm-size=8g, or use transport='c10d')",
                          false);
   }
-  return map_fd(fd, bytes, name);
+  return fd;
 }
 
-// Opens an existing segment; nullptr while it does not exist yet.
-void* open_segment(const std::string& name, size_t bytes) {
-  int fd = shm_open(name.c_str(), O_RDWR, 0600);
+// Opens an existing segment and fills *st; -1 while it does not exist yet. A segment that
+// another user owns, or that group or others may open, is refused: whoever could write it
+// could make this rank read or write out of bounds, or read what it sends.
+int open_segment(const std::string& name, struct stat* st) {
+  const int fd = shm_open(name.c_str(), O_RDWR, 0);
   if (fd < 0) {
-    if (errno == ENOENT) return nullptr;
+    if (errno == ENOENT) return -1;
     throw TransportError(sys_error("shm_open of " + name), false);
   }
-  struct stat st;
-  if (fstat(fd, &st) != 0 || static_cast<size_t>(st.st_size) < bytes) {
+  if (fstat(fd, st) != 0) {
+    const std::string why = sys_error("fstat of " + name);
     close(fd);
-    return nullptr;  // its creator has not sized it yet
+    throw TransportError(why, false);
   }
-  return map_fd(fd, bytes, name);
+  if (st->st_uid != geteuid() || (st->st_mode & 077) != 0) {
+    close(fd);
+    char mode[8];
+    std::snprintf(mode, sizeof(mode), "%04o", static_cast<unsigned>(st->st_mode & 07777));
+    throw TransportError("refusing shared-memory segment " + name + ": owned by uid " +
+                             std::to_string(st->st_uid) + " with mode " + mode +
+                             ", but it must belong to this process's user (uid " +
+                             std::to_string(geteuid()) +
+                             ") and be closed to group and others (mode 0600); another user "
+                             "or a stale file holds the name",
+                         false);
+  }
+  return fd;
 }
 
 size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
@@ -153,7 +220,8 @@ struct ShmState {
   std::mutex mu;  // one rank's executor drives it from one thread; Python may call abort()
   Mapping own;    // this rank's inbox
   std::vector<Inbox*> inboxes;             // by rank; inboxes[rank] is ours
-  std::vector<int64_t> pids;
+  std::vector<int> inbox_fds;              // by rank: where a peer's lock is seen (-1 for ours)
+  std::vector<int64_t> pids;               // as each rank sees itself: for names and messages
   std::vector<uint64_t> next_seq;          // per destination
   std::vector<std::vector<Mapping>> out;   // [dst][slot] data segments this rank created
   std::vector<std::vector<Mapping>> in;    // [src][slot] data segments this rank mapped
@@ -164,17 +232,19 @@ struct ShmState {
 
   Inbox* mine() { return inboxes[rank]; }
 
-  // "/ppfast-<sender's pid>-<group>-<dst>-<slot>-<gen>": the pid first, so that a name a
-  // crashed run left behind can be recognised as garbage (transports.py sweeps them).
+  // "/ppfast-<sender's pid>-<group>-<src>-<dst>-<slot>-<gen>". The source rank is in it
+  // because ranks in different PID namespaces can have the same pid.
   std::string data_name(int src, int dst, int slot, uint64_t gen) const {
     char group[17];
     std::snprintf(group, sizeof(group), "%016zx", std::hash<std::string>{}(name));
-    return "/ppfast-" + std::to_string(pids[src]) + "-" + group + "-" + std::to_string(dst) +
-           "-" + std::to_string(slot) + "-" + std::to_string(gen);
+    return "/ppfast-" + std::to_string(pids[src]) + "-" + group + "-" + std::to_string(src) +
+           "-" + std::to_string(dst) + "-" + std::to_string(slot) + "-" + std::to_string(gen);
   }
 
+  // Whether rank r's process still holds the lock on its inbox. Not its pid: that names
+  // another process, or none, when r lives in another PID namespace (a container).
   bool alive(int r) const {
-    return pids[r] <= 0 || kill(static_cast<pid_t>(pids[r]), 0) == 0 || errno != ESRCH;
+    return r == rank || inbox_fds[r] < 0 || lock_held(inbox_fds[r]) != 0;
   }
 
   // ------------------------------------------------------------------ sending
@@ -186,6 +256,8 @@ struct ShmState {
     int pick = -1;
     for (int i = 0; i < kSlots; ++i) {  // a free slot whose segment is big enough, else any
       if (lane.slots[i].state.load(std::memory_order_acquire) != kFree) continue;
+      // Free again after a message in a new segment: the receiver has unlinked its name.
+      if (out[s.peer][i].fd >= 0) out[s.peer][i].forget_name();
       if (out[s.peer][i].bytes >= nbytes) {
         pick = i;
         break;
@@ -197,11 +269,22 @@ struct ShmState {
     Mapping& seg = out[s.peer][pick];
     if (nbytes > 0 && seg.bytes < nbytes) {
       seg.unmap();
-      if (!seg.name.empty()) shm_unlink(seg.name.c_str());  // the receiver may never have opened it
+      seg.unlink_name();  // the receiver may never have opened it
       seg.gen += 1;
-      seg.name = data_name(rank, s.peer, pick, seg.gen);
-      seg.bytes = round_up(std::max(nbytes, kMinSegment), 4096);
-      seg.ptr = create_segment(seg.name, seg.bytes);
+      const std::string seg_name = data_name(rank, s.peer, pick, seg.gen);
+      const size_t bytes = round_up(std::max(nbytes, kMinSegment), 4096);
+      const int fd = create_segment(seg_name, bytes);
+      try {
+        seg.ptr = map_fd(fd, bytes, seg_name);
+      } catch (...) {
+        close(fd);
+        shm_unlink(seg_name.c_str());
+        throw;
+      }
+      // The descriptor stays open, locked, while the name exists: sweep() then leaves it.
+      seg.bytes = bytes;
+      seg.name = seg_name;
+      seg.fd = fd;
     }
     if (nbytes > 0) std::memcpy(seg.ptr, s.tensor.data_ptr(), nbytes);
     slot.tag = s.tag;
@@ -261,33 +344,87 @@ struct ShmState {
     }
   }
 
+  // Copies slot `index` of src's lane into op's buffer, or sets op.error. The slot's fields
+  // come from shared memory: they are read once and checked against each other and against
+  // the segment they name before any byte is copied, so a corrupt slot fails this receive
+  // instead of reading out of bounds.
   void deliver(int src, int index, RecvOp& op) {
     const Slot& slot = mine()->lanes[src].slots[index];
-    const size_t nbytes = op.tensor.nbytes();
+    const uint64_t nbytes = slot.nbytes, gen = slot.gen, capacity = slot.capacity;
+    const size_t want = op.tensor.nbytes();
     Mapping& seg = in[src][index];
-    if (slot.nbytes != nbytes) {
-      if (slot.nbytes > 0 && seg.gen != slot.gen) {  // dropped unread: its name goes now
-        shm_unlink(data_name(src, rank, index, slot.gen).c_str());
-      }
-      op.error = "message of " + std::to_string(slot.nbytes) + " bytes from rank " +
-                 std::to_string(src) + " does not fit a " + std::to_string(nbytes) +
-                 "-byte receive buffer";
+    auto fail = [&](const std::string& why) {
+      op.error = why;
       op.tensor = at::Tensor();
+    };
+    auto from = [&] {
+      return "rank " + std::to_string(src) + "'s message in slot " + std::to_string(index) +
+             " (tag " + std::to_string(slot.tag) + ")";
+    };
+    if (nbytes != want) {
+      if (nbytes > 0 && seg.gen != gen) {  // dropped unread: its name goes now
+        shm_unlink(data_name(src, rank, index, gen).c_str());
+      }
+      fail("message of " + std::to_string(nbytes) + " bytes from rank " + std::to_string(src) +
+           " does not fit a " + std::to_string(want) + "-byte receive buffer");
       return;
     }
-    if (nbytes > 0 && (seg.ptr == nullptr || seg.gen != slot.gen)) {
-      seg.unmap();
-      const std::string seg_name = data_name(src, rank, index, slot.gen);
-      seg.ptr = open_segment(seg_name, slot.capacity);
-      if (seg.ptr == nullptr) {
-        op.error = "rank " + std::to_string(src) + "'s data segment " + seg_name + " is missing";
-        op.tensor = at::Tensor();
+    if (nbytes > 0) {
+      std::string bad;
+      if (gen == 0 || gen < seg.gen) {
+        bad = "names data segment generation " + std::to_string(gen) + " (last mapped: " +
+              std::to_string(seg.gen) + ")";
+      } else if (capacity < nbytes) {
+        bad = "claims " + std::to_string(nbytes) + " bytes in a " + std::to_string(capacity) +
+              "-byte data segment";
+      } else if (capacity % 4096 != 0 || capacity < kMinSegment) {
+        bad = "gives its data segment a capacity of " + std::to_string(capacity) +
+              " bytes, which no sender makes";
+      } else if (seg.ptr != nullptr && seg.gen == gen && seg.bytes != capacity) {
+        bad = "gives generation " + std::to_string(gen) + "'s data segment a capacity of " +
+              std::to_string(capacity) + " bytes, but it was mapped with " +
+              std::to_string(seg.bytes);
+      }
+      if (!bad.empty()) {
+        fail(from() + " is corrupt: it " + bad);
         return;
       }
-      seg.bytes = slot.capacity;
-      seg.gen = slot.gen;
-      shm_unlink(seg_name.c_str());  // both sides hold it now
     }
+    if (nbytes > 0 && (seg.ptr == nullptr || seg.gen != gen)) {
+      seg.unmap();
+      const std::string seg_name = data_name(src, rank, index, gen);
+      struct stat st;
+      int fd;
+      try {
+        fd = open_segment(seg_name, &st);
+      } catch (const TransportError& e) {
+        fail(from() + ": " + e.what());
+        return;
+      }
+      if (fd < 0) {
+        fail("rank " + std::to_string(src) + "'s data segment " + seg_name + " is missing");
+        return;
+      }
+      shm_unlink(seg_name.c_str());  // both sides hold it now (or it is refused below)
+      if (static_cast<uint64_t>(st.st_size) < capacity) {  // mapping past its end: SIGBUS
+        close(fd);
+        fail(from() + " is corrupt: it gives its data segment " + seg_name + " a capacity of " +
+             std::to_string(capacity) + " bytes, but the segment has " +
+             std::to_string(st.st_size));
+        return;
+      }
+      try {
+        seg.ptr = map_fd(fd, capacity, seg_name);
+      } catch (const TransportError& e) {
+        close(fd);
+        fail(e.what());
+        return;
+      }
+      close(fd);
+      seg.bytes = capacity;
+      seg.gen = gen;
+    }
+    // nbytes <= capacity == seg.bytes, the length of the mapping, checked above
     if (nbytes > 0) std::memcpy(op.tensor.data_ptr(), seg.ptr, nbytes);
     op.tensor = at::Tensor();
     op.done = true;
@@ -299,7 +436,10 @@ struct ShmState {
   void check_peers(int peer) {
     const int32_t by = mine()->aborted_by.load(std::memory_order_acquire);
     if (by >= 0) {
-      throw TransportError("rank " + std::to_string(by) + " gave up: " +
+      // written by a peer: a rank number only when it is one
+      const std::string who = by < size ? "rank " + std::to_string(by)
+                                        : "an unknown rank (" + std::to_string(by) + ")";
+      throw TransportError(who + " gave up: " +
                                std::string(mine()->why, strnlen(mine()->why, sizeof(mine()->why))),
                            false);
     }
@@ -307,11 +447,11 @@ struct ShmState {
     if (now < next_alive_check) return;
     next_alive_check = now + std::chrono::milliseconds(100);
     if (!alive(peer)) {
-      for (Mapping& seg : out[peer]) {  // what it never took, it never will
-        if (!seg.name.empty()) shm_unlink(seg.name.c_str());
-      }
+      for (Mapping& seg : out[peer]) seg.unlink_name();  // what it never took, it never will
       throw TransportError("rank " + std::to_string(peer) + " (pid " +
-                               std::to_string(pids[peer]) + ") has exited",
+                               std::to_string(pids[peer]) +
+                               " in its own PID namespace) has exited: its lock on its inbox "
+                               "is gone",
                            false);
     }
   }
@@ -397,13 +537,26 @@ ShmTransport::ShmTransport(const std::string& name, int rank, int size)
   st.rank = rank;
   st.size = size;
   st.inboxes.assign(size, nullptr);
+  st.inbox_fds.assign(size, -1);
   st.pids.assign(size, 0);
   st.next_seq.assign(size, 0);
   st.out.assign(size, std::vector<Mapping>(kSlots));
   st.in.assign(size, std::vector<Mapping>(kSlots));
-  st.own.name = name + "-in-" + std::to_string(rank);
-  st.own.bytes = Inbox::bytes(size);
-  st.own.ptr = create_segment(st.own.name, st.own.bytes);  // zero-filled: all slots free
+  const std::string own = name + "-in-" + std::to_string(rank);
+  const size_t bytes = Inbox::bytes(size);
+  // The descriptor stays open, locked, for the transport's life, after the name is gone too:
+  // its lock is how the peers (and sweep()) tell that this rank is alive.
+  const int fd = create_segment(own, bytes);
+  try {
+    st.own.ptr = map_fd(fd, bytes, own);  // zero-filled: all slots free
+  } catch (...) {
+    close(fd);
+    shm_unlink(own.c_str());
+    throw;
+  }
+  st.own.name = own;
+  st.own.bytes = bytes;
+  st.own.fd = fd;
   auto* box = static_cast<Inbox*>(st.own.ptr);
   box->size = size;
   box->owner = rank;
@@ -422,9 +575,21 @@ void ShmTransport::connect(std::chrono::milliseconds timeout) {
     if (st.inboxes[r] != nullptr) continue;
     const std::string name = st.name + "-in-" + std::to_string(r);
     void* p = nullptr;
-    while ((p = open_segment(name, bytes)) == nullptr ||
-           static_cast<Inbox*>(p)->magic.load(std::memory_order_acquire) != kMagic) {
-      if (p != nullptr) munmap(p, bytes);
+    int fd = -1;
+    for (;;) {
+      struct stat info;
+      fd = open_segment(name, &info);  // refuses a segment that is not this user's own
+      if (fd >= 0 && static_cast<size_t>(info.st_size) >= bytes) {  // else not sized yet
+        try {
+          p = map_fd(fd, bytes, name);
+        } catch (...) {
+          close(fd);
+          throw;
+        }
+        if (static_cast<Inbox*>(p)->magic.load(std::memory_order_acquire) == kMagic) break;
+        munmap(p, bytes);
+      }
+      if (fd >= 0) close(fd);
       if (std::chrono::steady_clock::now() > deadline) {
         throw TransportError("rank " + std::to_string(r) + " did not create its inbox " + name +
                                  " in time: are all ranks on this host and using the same name?",
@@ -435,12 +600,14 @@ void ShmTransport::connect(std::chrono::milliseconds timeout) {
     auto* box = static_cast<Inbox*>(p);
     if (box->size != size_ || box->owner != r) {
       munmap(p, bytes);
+      close(fd);
       throw TransportError("inbox " + name + " belongs to another group (size " +
                                std::to_string(box->size) + ", owner " +
                                std::to_string(box->owner) + ")",
                            false);
     }
     st.inboxes[r] = box;
+    st.inbox_fds[r] = fd;  // kept: the owner's lock on this file says whether it lives
     st.pids[r] = box->pid;
   }
 }
@@ -464,8 +631,11 @@ ShmTransport::~ShmTransport() {
       if (seg.name.empty()) continue;
       Inbox* box = st.inboxes[dst];
       const bool in_flight = box != nullptr && box->lanes[rank_].slots[i].state.load() == kFull;
-      if (in_flight && st.alive(dst)) continue;
-      shm_unlink(seg.name.c_str());
+      if (in_flight && st.alive(dst)) {
+        seg.forget_name();
+      } else {
+        seg.unlink_name();
+      }
     }
   }
   Inbox* mine = st.inboxes[rank_];
@@ -482,9 +652,10 @@ ShmTransport::~ShmTransport() {
   const size_t bytes = Inbox::bytes(size_);
   for (int r = 0; r < size_; ++r) {
     if (r != rank_ && st.inboxes[r] != nullptr) munmap(st.inboxes[r], bytes);
+    if (st.inbox_fds[r] >= 0) close(st.inbox_fds[r]);
   }
-  if (!st.own.name.empty()) shm_unlink(st.own.name.c_str());
   st.own.unmap();
+  st.own.unlink_name();  // and with its lock this rank is gone
   st.inboxes.clear();
 }
 

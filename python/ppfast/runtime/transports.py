@@ -12,15 +12,23 @@
 
 Setting up ``shm`` takes one all-gather and two barriers over the group, at the first step.
 Its names in /dev/shm go as soon as both sides have mapped them; what a crashed run left
-behind (names whose creating process is gone, a minute old or more) is removed then too.
+behind is removed then too: names that no process holds a lock on, a minute old or more.
+Every rank locks its inbox, and every sender a data segment while its name exists, with an
+open-file-description lock that the kernel drops when the process dies, so ranks in other
+PID namespaces (containers sharing /dev/shm) are judged alive or dead alike; the pid in a
+name is not used for that. Only segments of this user, closed to group and others, are mapped
+(``csrc/runtime/shm_transport.h`` says more).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import secrets
 import socket
+import stat
+import struct
 import time
 from datetime import timedelta
 
@@ -40,39 +48,55 @@ def _boot_id() -> str:
 
 
 SHM_DIR = "/dev/shm"
-_OURS = re.compile(r"ppfast-(\d+)-")
+_OURS = re.compile(r"ppfast-\d+-")
+# The lock kind the transport takes (shm_transport.cpp): OFD locks, which conflict with it
+# whichever process, namespace or descriptor holds it; flock() would not see it at all.
+_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)  # Linux's number where Python lacks the name
+# struct flock on 64-bit Linux: l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks)
+_WHOLE_FILE = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
 
 
-def _alive(pid: int) -> bool:
+def _remove_if_unlocked(path: str, min_age: float, now: float) -> bool:
+    """Unlink ``path`` if it is a regular file at least ``min_age`` seconds old that no
+    process holds a lock on; the lock taken to find out is held until the name is gone."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:  # gone already, or not ours to open (and so not ours to judge)
         return False
-    except OSError:  # another user's process: alive
+    try:
+        st = os.fstat(fd)
+        # young: its creator may not have locked it yet
+        if not stat.S_ISREG(st.st_mode) or now - st.st_mtime < min_age:
+            return False
+        try:
+            fcntl.fcntl(fd, _F_OFD_SETLK, _WHOLE_FILE)
+        except OSError:  # locked: its run is alive
+            return False
+        try:
+            if os.stat(path, follow_symlinks=False).st_ino != st.st_ino:
+                return False  # replaced since we opened it
+            os.unlink(path)
+        except OSError:  # another process swept it first
+            return False
         return True
-    return True
+    finally:
+        os.close(fd)  # and the lock with it
 
 
 def sweep(min_age: float = 60.0, where: str = SHM_DIR) -> list[str]:
-    """Remove shared-memory names of this transport whose creating process (the pid after
-    "ppfast-") has exited and that are at least ``min_age`` seconds old; returns them."""
+    """Remove this transport's shared-memory names (starting "ppfast-<pid>-") that no process
+    holds a lock on and that are at least ``min_age`` seconds old; returns them. The pid in a
+    name is not consulted: in another PID namespace it names another process."""
     try:
         names = os.listdir(where)
     except OSError:
         return []
-    gone, now = [], time.time()
-    for name in names:
-        m = _OURS.match(name)
-        if m is None or _alive(int(m.group(1))):
-            continue
-        path = os.path.join(where, name)
-        try:
-            if now - os.stat(path).st_mtime >= min_age:
-                os.unlink(path)
-                gone.append(name)
-        except OSError:  # another process swept it first
-            pass
-    return gone
+    now = time.time()
+    return [
+        name
+        for name in sorted(names)
+        if _OURS.match(name) and _remove_if_unlocked(os.path.join(where, name), min_age, now)
+    ]
 
 
 AUTO_MIN_FREE = 1 << 30
