@@ -450,8 +450,8 @@ struct ShmState {
       for (Mapping& seg : out[peer]) seg.unlink_name();  // what it never took, it never will
       throw TransportError("rank " + std::to_string(peer) + " (pid " +
                                std::to_string(pids[peer]) +
-                               " in its own PID namespace) has exited: its lock on its inbox "
-                               "is gone",
+                               " in its own PID namespace) has exited or closed its "
+                               "transport: its lock on its inbox is gone",
                            false);
     }
   }

@@ -229,6 +229,8 @@ def test_an_unknown_transport_is_refused_before_any_communication(monkeypatch):
 
 
 def test_names_a_crashed_run_left_are_swept(tmp_path):
+    import fcntl
+    import struct
     import subprocess
     import sys
 
@@ -248,7 +250,15 @@ def test_names_a_crashed_run_left_are_swept(tmp_path):
     for path in (old, live):
         os.utime(path, (an_hour_ago, an_hour_ago))
     (tmp_path / "other-1-2").write_bytes(b"x")
-    assert sweep(where=str(tmp_path)) == [old.name]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [young.name, live.name, "other-1-2"]
-    )
+    # a name is in use while a process holds a lock on it (as each rank does on its inbox),
+    # whatever pid its name carries
+    fd = os.open(live, os.O_RDWR)
+    try:
+        lock = struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0)
+        fcntl.fcntl(fd, getattr(fcntl, "F_OFD_SETLK", 37), lock)
+        assert sweep(where=str(tmp_path)) == [old.name]
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [young.name, live.name, "other-1-2"]
+        )
+    finally:
+        os.close(fd)
