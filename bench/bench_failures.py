@@ -7,8 +7,11 @@ Three ranks train an MLP with 1F1B (stage r on rank r). In the second step rank 
 
 - ``kill``: it exits inside its forward of microbatch 1 (os._exit, after writing down when);
   each survivor's delay is from that moment to its PipelineCommError.
+- ``freeze``: it stops there (SIGSTOP): its process lives and its connections stay open, as a
+  dead GPU peer looks to NCCL. Over c10d only the transport's beats through the store tell
+  (a peer silent for 1.2 s); over shared memory its lock stays, so it counts as a stall.
 - ``stall``: it sleeps in that forward for 3 x the timeout (alive, silent); delays are from
-  the stall's start, and the first survivor can only give up at its timeout (2 s here).
+  the stall's start, and the first survivor can only give up at its timeout (5 s here).
 - ``corrupt``: with PPFAST_CHECKSUM=1 its first send of the step has one bit flipped
   (ppfast.testing's FaultyTransport); delays are from the send.
 
@@ -24,6 +27,7 @@ import argparse
 import importlib
 import json
 import os
+import signal
 import socket
 import statistics
 import sys
@@ -41,8 +45,8 @@ from ppfast._native import C
 from ppfast.runtime.transports import transport_for
 from ppfast.tools.benchmarks.machine import describe
 
-P, M, WIDTH, TIMEOUT = 3, 4, 256, 2.0
-CASES = ("kill", "stall", "corrupt")
+P, M, WIDTH, TIMEOUT = 3, 4, 256, 5.0
+CASES = ("kill", "freeze", "stall", "corrupt")
 TRANSPORTS = {"shm": ("gloo", "shm"), "gloo": ("gloo", "c10d"), "nccl_emu": ("nccl_emu", "c10d")}
 
 
@@ -62,10 +66,12 @@ class Faulty(nn.Module):
 
     def forward(self, x):
         self.calls += 1
-        if self.calls == M + 2 and self.case in ("kill", "stall"):
+        if self.calls == M + 2 and self.case in ("kill", "freeze", "stall"):
             self.mark.value = time.time()
             if self.case == "kill":
                 os._exit(1)
+            if self.case == "freeze":
+                os.kill(os.getpid(), signal.SIGSTOP)
             time.sleep(3 * TIMEOUT)
         return self.inner(x)
 
@@ -114,7 +120,7 @@ def run_case(transport: str, case: str) -> dict:
         proc.start()
     got = {}
     deadline = time.time() + 120
-    while len(got) < (2 if case == "kill" else P) and time.time() < deadline:
+    while len(got) < (2 if case in ("kill", "freeze") else P) and time.time() < deadline:
         try:
             r = queue.get(timeout=1.0)
         except Exception:  # noqa: BLE001 - queue.Empty
