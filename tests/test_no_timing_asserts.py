@@ -52,6 +52,17 @@ ALLOWED = {
         "a timeout test: a stalled or lost message ends every rank's step at its timeout "
         "(plus the 2 s notice), never later"
     ),
+    (
+        "distributed/test_shm_hardening.py",
+        "test_a_peer_in_another_pid_namespace_that_is_killed_fails_the_wait_within_2_s",
+    ): "the requirement itself: a killed peer in another PID namespace is named within 2 s",
+    (
+        "distributed/test_shm_hardening.py",
+        "test_a_live_peer_in_another_pid_namespace_is_not_judged_dead",
+    ): (
+        "a lower bound only: the receive lasted until the peer's late send (1 s after it "
+        "started) instead of failing at once on a misjudged death"
+    ),
 }
 
 CLOCK_CALLS = {
