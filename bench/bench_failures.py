@@ -100,7 +100,8 @@ def rank_main(rank, port, transport, case, mark, queue) -> None:
         try:
             sched.step(x if rank == 0 else None, target=y if rank == P - 1 else None)
         except Exception as e:  # noqa: BLE001 - what it raised is the point
-            out.update(at=time.time(), step=k, type=type(e).__name__, text=str(e))
+            # the first line: c10's errors go on with a C++ backtrace naming this machine's files
+            out.update(at=time.time(), step=k, type=type(e).__name__, text=str(e).splitlines()[0])
             out.update(peer=getattr(e, "peer", None), timed_out=getattr(e, "timed_out", None))
             break
     queue.put(out)
