@@ -229,6 +229,7 @@ struct ShmState {
   // receives posted and not yet filled, by (source, tag), oldest first
   std::map<std::pair<int, int64_t>, std::deque<std::shared_ptr<RecvOp>>> posted;
   std::chrono::steady_clock::time_point next_alive_check;
+  int guarded = 0;  // at least the data segments in out[][] whose descriptor guards a name
 
   Inbox* mine() { return inboxes[rank]; }
 
@@ -249,6 +250,28 @@ struct ShmState {
 
   // ------------------------------------------------------------------ sending
 
+  // Closes the locked descriptor of every new data segment whose slot is free again: its
+  // receiver has opened the segment and unlinked the name, so there is nothing left to guard.
+  // Every slot, not only the one a send picks, so that none is kept longer than one message.
+  void reap() {
+    if (guarded == 0) return;
+    int left = 0;
+    for (int dst = 0; dst < size; ++dst) {
+      if (dst == rank || inboxes[dst] == nullptr) continue;
+      const Lane& lane = inboxes[dst]->lanes[rank];
+      for (int i = 0; i < kSlots; ++i) {
+        Mapping& seg = out[dst][i];
+        if (seg.fd < 0) continue;
+        if (lane.slots[i].state.load(std::memory_order_acquire) == kFree) {
+          seg.forget_name();
+        } else {
+          left += 1;
+        }
+      }
+    }
+    guarded = left;
+  }
+
   // Copies the message into a free slot of its lane; false when every slot is full.
   bool try_send(PendingSend& s) {
     Lane& lane = inboxes[s.peer]->lanes[rank];
@@ -256,8 +279,6 @@ struct ShmState {
     int pick = -1;
     for (int i = 0; i < kSlots; ++i) {  // a free slot whose segment is big enough, else any
       if (lane.slots[i].state.load(std::memory_order_acquire) != kFree) continue;
-      // Free again after a message in a new segment: the receiver has unlinked its name.
-      if (out[s.peer][i].fd >= 0) out[s.peer][i].forget_name();
       if (out[s.peer][i].bytes >= nbytes) {
         pick = i;
         break;
@@ -285,6 +306,7 @@ struct ShmState {
       seg.bytes = bytes;
       seg.name = seg_name;
       seg.fd = fd;
+      guarded += 1;
     }
     if (nbytes > 0) std::memcpy(seg.ptr, s.tensor.data_ptr(), nbytes);
     slot.tag = s.tag;
@@ -303,6 +325,7 @@ struct ShmState {
 
   // Delivers what arrived and posts queued sends that now find a slot. Caller holds mu.
   void progress() {
+    reap();
     drain();
     while (!queue.empty()) {
       if (!try_send(*queue.front())) return;
