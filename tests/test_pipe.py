@@ -22,6 +22,7 @@ import ppfast
 
 # the models and the reference live beside the multi-process tests, which import them by name
 sys.path.insert(0, str(Path(__file__).parent / "distributed"))
+from ranks import record_ranks  # noqa: E402
 from toy_models import (  # noqa: E402
     CHUNKED,
     MODELS,
@@ -126,25 +127,6 @@ def test_pipe_dynamic_shapes(schedule, model, m):
 class Raises(torch.nn.Module):
     def forward(self, x):
         raise RuntimeError("raised by the middle stage on purpose")
-
-
-def record_ranks(pipe: ppfast.Pipe) -> dict:
-    """What each rank's thread raised in the steps that follow (None: it returned); a rank
-    whose thread never ran its step is absent."""
-    seen: dict = {}
-    for r, sched in enumerate(pipe.schedules):
-        run = sched._run_microbatches
-
-        def recorded(*args, _run=run, _r=r, **kwargs):
-            seen[_r] = None
-            try:
-                return _run(*args, **kwargs)
-            except BaseException as e:
-                seen[_r] = e
-                raise
-
-        sched._run_microbatches = recorded
-    return seen
 
 
 def test_pipe_failures_raise_the_cause_at_once():

@@ -1,4 +1,5 @@
-"""Run a function on N ranks (spawned processes, gloo or nccl_emu) with a hard timeout."""
+"""Run a function on N ranks (spawned processes, gloo or nccl_emu) with a hard timeout; and
+record what each rank of a ppfast.Pipe (ranks as threads) raised."""
 
 from __future__ import annotations
 
@@ -165,3 +166,22 @@ def run_once(build: Callable) -> Callable:
         return cache[key]
 
     return get
+
+
+def record_ranks(pipe) -> dict:
+    """What each rank's thread of ``pipe`` (a ppfast.Pipe) raised in the steps that follow
+    (None: it returned); a rank whose thread never ran its step is absent."""
+    seen: dict = {}
+    for r, sched in enumerate(pipe.schedules):
+        run = sched._run_microbatches
+
+        def recorded(*args, _run=run, _r=r, **kwargs):
+            seen[_r] = None
+            try:
+                return _run(*args, **kwargs)
+            except BaseException as e:
+                seen[_r] = e
+                raise
+
+        sched._run_microbatches = recorded
+    return seen
