@@ -48,6 +48,10 @@ ALLOWED = {
         "the requirement itself: survivors name a killed rank within 2 s (NOTICE) of the "
         "recorded moment of its death"
     ),
+    ("distributed/test_faults.py", "test_a_frozen_rank_is_named_by_every_survivor"): (
+        "the requirement itself: over c10d survivors name a frozen rank within 2 s (NOTICE) of "
+        "the moment it stopped; over shared memory, where it is a stall, within its timeout"
+    ),
     ("distributed/test_faults.py", "test_a_stall_or_a_lost_message_ends_at_the_timeout"): (
         "a timeout test: a stalled or lost message ends every rank's step at its timeout "
         "(plus the 2 s notice), never later"

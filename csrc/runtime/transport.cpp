@@ -259,7 +259,8 @@ void watch(std::shared_ptr<AbortState> state, c10::intrusive_ptr<c10d::Store> st
       }
       for (int r : peers) {
         const std::string k = beat_key(key, r);
-        if (!store->check({k})) continue;  // it has not beaten yet: nothing to go on
+        // no key: its transport does not exist yet (it has not reached its first step)
+        if (!store->check({k})) continue;
         auto beat = store->get(k);
         auto [it, fresh] = heard.try_emplace(r, Heard{beat, now});
         if (fresh || it->second.beat != beat) {
@@ -307,7 +308,17 @@ C10dTransport::C10dTransport(c10::intrusive_ptr<c10d::ProcessGroup> group,
   if (auto side = std::dynamic_pointer_cast<C10dTransport>(negotiation_)) {
     side->abort_->watched_by = abort_;
   }
-  if (store_ && !abort_key_.empty()) watcher_ = std::thread(watch, abort_, store_, abort_key_);
+  if (store_ && !abort_key_.empty()) {
+    // A first beat now, not from the watcher 200 ms on: a peer sees this rank's key as soon as
+    // the transport exists, so a rank that froze (or died) before its watcher ever beat is
+    // still noticed, by its silence, rather than waited for until the timeout.
+    try {
+      store_->set(beat_key(abort_key_, rank_), std::vector<uint8_t>{'0'});
+    } catch (const std::exception&) {
+      // the store is gone: the watcher finds out and ends
+    }
+    watcher_ = std::thread(watch, abort_, store_, abort_key_);
+  }
 }
 
 C10dTransport::~C10dTransport() {

@@ -28,7 +28,7 @@ inline void register_testing(pybind11::module_& m) {
   py::class_<FaultyTransport, Transport, std::shared_ptr<FaultyTransport>>(
       m, "FaultyTransport",
       "Wraps a transport and does one chosen thing wrong (delay, drop, duplicate, reorder, "
-      "corrupt, kill); see csrc/testing/faulty_transport.h.")
+      "corrupt, kill, freeze); see csrc/testing/faulty_transport.h.")
       .def(py::init<std::shared_ptr<Transport>>(), py::arg("inner"))
       .def("arm", &FaultyTransport::arm, py::arg("fault"), py::arg("op") = "send",
            py::arg("nth") = 0, py::arg("peer") = -1, py::arg("seconds") = 0.0,

@@ -1,6 +1,7 @@
 // The fault-injecting transport; see faulty_transport.h.
 #include "testing/faulty_transport.h"
 
+#include <signal.h>
 #include <unistd.h>
 
 #include <map>
@@ -11,15 +12,20 @@
 namespace ppfast::testing {
 namespace {
 
-enum class Fault { kNone, kDelay, kDrop, kDuplicate, kReorder, kCorrupt, kKill };
+enum class Fault { kNone, kDelay, kDrop, kDuplicate, kReorder, kCorrupt, kKill, kFreeze };
+
+// Stops the whole process (SIGSTOP), as a hung host or a wedged device does: it stays alive,
+// holds its locks and keeps its connections open, and says nothing more.
+void freeze() { raise(SIGSTOP); }
 
 Fault parse_fault(const std::string& s) {
   static const std::map<std::string, Fault> names = {
       {"delay", Fault::kDelay},     {"drop", Fault::kDrop},       {"duplicate", Fault::kDuplicate},
-      {"reorder", Fault::kReorder}, {"corrupt", Fault::kCorrupt}, {"kill", Fault::kKill}};
+      {"reorder", Fault::kReorder}, {"corrupt", Fault::kCorrupt}, {"kill", Fault::kKill},
+      {"freeze", Fault::kFreeze}};
   auto it = names.find(s);
   if (it == names.end()) {
-    throw std::invalid_argument("fault is one of delay, drop, duplicate, reorder, corrupt, kill; not " + s);
+    throw std::invalid_argument("fault is one of delay, drop, duplicate, reorder, corrupt, kill, freeze; not " + s);
   }
   return it->second;
 }
@@ -126,8 +132,8 @@ void FaultyTransport::arm(const std::string& fault, const std::string& op, int n
                           double seconds) {
   if (op != "send" && op != "recv") throw std::invalid_argument("op is send or recv, not " + op);
   const Fault f = parse_fault(fault);
-  if (op == "recv" && f != Fault::kDelay && f != Fault::kKill) {
-    throw std::invalid_argument("a receive can only be delayed or killed at");
+  if (op == "recv" && f != Fault::kDelay && f != Fault::kKill && f != Fault::kFreeze) {
+    throw std::invalid_argument("a receive can only be delayed, killed or frozen at");
   }
   if (nth < 0) throw std::invalid_argument("nth counts from 0");
   std::lock_guard<std::mutex> lock(state_->mu);
@@ -204,6 +210,10 @@ std::shared_ptr<Handle> FaultyTransport::send(const at::Tensor& tensor, int peer
     }
     case Fault::kKill:
       _exit(1);
+    case Fault::kFreeze:
+      freeze();
+      out = inner_->send(tensor, peer, tag);  // if it is ever continued (SIGCONT)
+      break;
     case Fault::kNone:
       out = inner_->send(tensor, peer, tag);
       break;
@@ -215,6 +225,7 @@ std::shared_ptr<Handle> FaultyTransport::send(const at::Tensor& tensor, int peer
 std::shared_ptr<Handle> FaultyTransport::recv(const at::Tensor& tensor, int peer, int64_t tag) {
   const Fault f = state_->next(false, peer);
   if (f == Fault::kKill) _exit(1);
+  if (f == Fault::kFreeze) freeze();
   if (f == Fault::kDelay) std::this_thread::sleep_for(std::chrono::duration<double>(state_->seconds));
   return inner_->recv(tensor, peer, tag);
 }

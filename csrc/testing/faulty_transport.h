@@ -13,6 +13,8 @@
 //              sender waits for it)
 //   corrupt    sends a copy with one bit flipped in its middle byte
 //   kill       ends the process at once (_exit(1)) instead of posting it (send or receive)
+//   freeze     stops the process (SIGSTOP) before posting it (send or receive): alive, its
+//              locks and connections held, silent
 // `nth` counts sends (or receives) from the arm() call on, over this transport and its
 // negotiation channel together (so a fault can hit the first, shape-agreeing step); `peer`
 // limits it to one peer (-1: any). One fault is armed at a time; it fires once.

@@ -145,6 +145,87 @@ def test_a_killed_rank_is_named_by_every_survivor(at, transport, tmp_path):
             assert got["raised_at"] - float(died.read_text()) < NOTICE, got
 
 
+# ---------------------------------------------------------------------------- frozen ranks
+
+FREEZES = ["first step", "F"]
+FROZEN_TIMEOUT = {"shm": TIMEOUT, "gloo": KILL_TIMEOUT, "nccl_emu": KILL_TIMEOUT}
+
+
+def freeze_rank(rank: int, p: int, at: str, transport: str, marks: str) -> dict | None:
+    """Rank 1 stops (SIGSTOP) at its first send of step 0 (just after its transport came up),
+    or in its forward of microbatch 1 in step 1: alive, its connections and locks held, silent.
+    The survivors report what they raised; rank 0 then ends rank 1, once rank 2 has reported."""
+    import signal
+
+    from ppfast.training import pipeline
+
+    kind, timeout = TRANSPORTS[transport][1], FROZEN_TIMEOUT[transport]
+    state = {"step": 0}
+    if rank == 1 and at == "F":
+        forward = pipeline._RankCompute.forward
+
+        def stop_in_forward(self, stage, mb, *args):
+            if state["step"] == 1 and mb == 1:
+                with open(os.path.join(marks, "froze"), "w") as f:
+                    f.write(repr(time.time()))
+                os.kill(os.getpid(), signal.SIGSTOP)
+            return forward(self, stage, mb, *args)
+
+        pipeline._RankCompute.forward = stop_in_forward
+    wire = faulty_transport(kind, timeout)
+    sched = schedule_for(rank, "1f1b", timeout, wire)
+    if rank == 1:
+        with open(os.path.join(marks, "pid"), "w") as f:
+            f.write(str(os.getpid()))
+        if at == "first step":
+            with open(os.path.join(marks, "froze"), "w") as f:
+                f.write(repr(time.time()))  # a bound: it stops a moment later, in its first send
+            wire.arm("freeze", "send", 0)
+    got = {"type": None}
+    for k in range(3):
+        state["step"] = k
+        started = time.time()
+        try:
+            step(sched, rank, k)
+        except Exception as e:  # noqa: BLE001 - what it raised is the point
+            got = outcome(e, started) | {"step": k}
+            break
+    with open(os.path.join(marks, f"reported-{rank}"), "w"):
+        pass
+    if rank == 0:  # a stopped process would outlive the group: end it once both have reported
+        deadline = time.time() + 30
+        while not os.path.exists(os.path.join(marks, "reported-2")) and time.time() < deadline:
+            time.sleep(0.05)
+        with open(os.path.join(marks, "pid")) as f:
+            os.kill(int(f.read()), signal.SIGKILL)
+    return got
+
+
+@pytest.mark.parametrize("transport", list(TRANSPORTS))
+@pytest.mark.parametrize("at", FREEZES)
+def test_a_frozen_rank_is_named_by_every_survivor(at, transport, tmp_path):
+    """Over c10d, the frozen rank's heartbeat falls silent: survivors name it within 2 s, long
+    before their 60 s timeout. Over shared memory it still holds the lock that says it lives:
+    a frozen rank is a stalled one, and the survivors raise at their (3 s) timeout."""
+    kw = TRANSPORTS[transport][0]
+    res = run_ranks(freeze_rank, P, at, transport, str(tmp_path), timeout=120, may_exit={1}, **kw)
+    assert res[1] is None, f"rank 1 was meant to stop: {res[1]}"
+    froze = float((tmp_path / "froze").read_text())
+    for rank in (0, 2):
+        got = res[rank]
+        assert got["type"] == "PipelineCommError", (rank, got)
+        assert got["step"] == (0 if at == "first step" else 1), got
+        assert (got["rank"], got["peer"]) == (rank, 1), got
+        assert got["action"] and f"rank {rank}, action " in got["text"], got
+        if transport == "shm":  # the first to time out tells the other, which raises then
+            assert got["raised_at"] - froze < TIMEOUT + NOTICE, got
+        else:
+            assert got["timed_out"] is False and "froze" in got["text"], got
+            assert got["raised_at"] - froze < NOTICE, got
+    if transport == "shm":
+        assert any(res[r]["timed_out"] for r in (0, 2)), res
+
+
 # ---------------------------------------------------------------------------- message faults
 
 # (fault, arm arguments on rank 1 before step 1 (or 0), checksum on?)
