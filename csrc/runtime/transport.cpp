@@ -60,6 +60,7 @@ struct AbortState {
   }
 
   void fail_pending(const std::string& reason);
+  bool pending_with(int peer);
 };
 
 class C10dHandle : public Handle {
@@ -67,11 +68,25 @@ class C10dHandle : public Handle {
   // stream_ordered: the backend runs the operation on a device stream of its own and its wait()
   // orders the current stream after it instead of blocking the host (NCCL).
   C10dHandle(c10::intrusive_ptr<c10d::Work> work, std::shared_ptr<GroupWork> group,
-             bool stream_ordered, std::shared_ptr<AbortState> abort)
+             bool stream_ordered, std::shared_ptr<AbortState> abort, int peer)
       : own_(std::move(work)),
         group_(std::move(group)),
         stream_ordered_(stream_ordered),
-        abort_(std::move(abort)) {}
+        abort_(std::move(abort)),
+        peer_(peer) {}
+
+  int peer() const { return peer_; }
+
+  // Not over yet, as another thread (the watcher) sees it: an operation whose completion
+  // cannot be read (a coalesced group not yet ended) counts as pending.
+  bool pending() {
+    if (finished_) return false;
+    try {
+      return !done();
+    } catch (const std::exception&) {
+      return true;
+    }
+  }
 
   void wait(std::chrono::milliseconds timeout) override {
     if (finished_) return;
@@ -167,6 +182,7 @@ class C10dHandle : public Handle {
   std::shared_ptr<GroupWork> group_;
   bool stream_ordered_;
   std::shared_ptr<AbortState> abort_;
+  int peer_;
   std::atomic<bool> finished_{false};
 };
 
@@ -217,12 +233,17 @@ constexpr auto kSilentFor = std::chrono::milliseconds(1200);
 
 std::string beat_key(const std::string& key, int rank) { return key + "/beat/" + std::to_string(rank); }
 
+const std::vector<uint8_t> kClosed{'c', 'l', 'o', 's', 'e', 'd'};  // a beat that says goodbye
+
 // Every 50 ms: has another rank left a notice? Then fail what is pending here. Every 200 ms:
 // beat (a counter under this rank's key), and read the beats of the peers this rank has
-// exchanged messages with; one silent for 1.2 s is dead (or frozen), and what is pending here
-// fails naming it. A rank that dies cannot leave a notice: without beats, its peers would
-// learn of it only from their backend (gloo: a closed connection; NCCL: nothing until its
-// watchdog) or at their timeout.
+// exchanged messages with. A peer silent for 1.2 s is dead (or frozen), and one whose beat
+// says "closed" has dropped its transport: either way what waits on it here will never end,
+// and fails naming it. Nothing else fails: a peer that is gone while this rank needs nothing
+// from it (its run ended first, its schedule was rebuilt) breaks nothing here, least of all a
+// backend that the failure would abort (NCCL's). A rank that dies cannot leave a notice:
+// without beats, its peers would learn of it only from their backend (gloo: a closed
+// connection; NCCL: nothing until its watchdog) or at their timeout.
 void watch(std::shared_ptr<AbortState> state, c10::intrusive_ptr<c10d::Store> store,
            std::string key) {
   using clock = std::chrono::steady_clock;
@@ -236,8 +257,19 @@ void watch(std::shared_ptr<AbortState> state, c10::intrusive_ptr<c10d::Store> st
   while (true) {
     for (int i = 0; i < 5; ++i) {  // 10 ms between checks for the end
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
-      std::lock_guard<std::mutex> lock(state->mutex);
-      if (state->stopping || state->set.load()) return;
+      bool closed;
+      {
+        std::lock_guard<std::mutex> lock(state->mutex);
+        if (state->set.load()) return;
+        closed = state->stopping;
+      }
+      if (closed) {  // the transport is gone: say so, so that no peer waits on it
+        try {
+          store->set(beat_key(key, state->rank), kClosed);
+        } catch (const std::exception&) {
+        }
+        return;
+      }
     }
     try {
       if (store->check({key})) {
@@ -263,16 +295,21 @@ void watch(std::shared_ptr<AbortState> state, c10::intrusive_ptr<c10d::Store> st
         if (!store->check({k})) continue;
         auto beat = store->get(k);
         auto [it, fresh] = heard.try_emplace(r, Heard{beat, now});
-        if (fresh || it->second.beat != beat) {
-          it->second = Heard{std::move(beat), now};
-        } else if (now - it->second.changed > kSilentFor) {
-          state->fail_pending("rank " + std::to_string(r) + " has not been heard from for " +
-                              std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(
-                                                 now - it->second.changed)
-                                                 .count()) +
-                              " ms: its process died or froze");
-          return;
-        }
+        if (!fresh && it->second.beat != beat) it->second = Heard{std::move(beat), now};
+        const bool closed = it->second.beat == kClosed;
+        const auto silent = now - it->second.changed;
+        if (!closed && silent <= kSilentFor) continue;
+        if (!state->pending_with(r)) continue;  // nothing here waits on it
+        const std::string who = "rank " + std::to_string(r);
+        state->fail_pending(
+            closed ? who + " closed its transport (its run or schedule ended) with messages to "
+                           "or from rank " + std::to_string(state->rank) + " still pending"
+                   : who + " has not been heard from for " +
+                         std::to_string(
+                             std::chrono::duration_cast<std::chrono::milliseconds>(silent)
+                                 .count()) +
+                         " ms: its process died or froze");
+        return;
       }
     } catch (const std::exception&) {
       // the store went away (the job ends): nothing to watch any more
@@ -346,6 +383,23 @@ void C10dTransport::abort(const std::string& why) {
 
 void C10dTransport::fail_pending(const std::string& why) { abort_->fail_pending(why); }
 
+bool C10dTransport::pending_with(int peer) const { return abort_->pending_with(peer); }
+
+bool AbortState::pending_with(int peer) {
+  std::vector<std::shared_ptr<C10dHandle>> handles;
+  {
+    std::lock_guard<std::mutex> lock(live_mutex);
+    for (auto& w : live) {
+      if (auto h = w.lock(); h && h->peer() == peer) handles.push_back(std::move(h));
+    }
+  }
+  for (auto& h : handles) {
+    if (h->pending()) return true;
+  }
+  auto side = std::dynamic_pointer_cast<C10dTransport>(negotiation);
+  return side && side->pending_with(peer);
+}
+
 
 void AbortState::fail_pending(const std::string& reason) {
   {
@@ -400,7 +454,8 @@ std::shared_ptr<Handle> C10dTransport::post(bool is_send, const at::Tensor& tens
                          false);
   }
   auto handle = std::make_shared<C10dHandle>(
-      std::move(work), group_, stream_ordered_ && device_has_streams(tensor.device()), abort_);
+      std::move(work), group_, stream_ordered_ && device_has_streams(tensor.device()), abort_,
+      peer);
   {
     std::lock_guard<std::mutex> lock(abort_->live_mutex);
     auto& live = abort_->live;

@@ -87,7 +87,9 @@ class C10dTransport : public Transport {
   // null: this one. Device tensors on a host-only backend (gloo) are staged through host memory.
   // `store` and `abort_key`: where a rank that gives up says so (abort); a thread polls the
   // key and, when another rank has set it, fails this rank's pending operations at once, so
-  // that a stalled or failed peer is noticed in well under a second, not at the timeout.
+  // that a stalled or failed peer is noticed in well under a second, not at the timeout. The
+  // same thread beats under the key and watches the peers' beats: a peer silent for 1.2 s (dead
+  // or frozen), or whose transport is gone, fails what waits on it, and only that.
   C10dTransport(c10::intrusive_ptr<c10d::ProcessGroup> group, c10::DeviceType device,
                 std::shared_ptr<Transport> negotiation = nullptr,
                 c10::intrusive_ptr<c10d::Store> store = {}, std::string abort_key = "");
@@ -103,6 +105,8 @@ class C10dTransport : public Transport {
   // Fails this transport's waits with `why` as given, telling no peer (the side channel of a
   // transport that already did).
   void fail_pending(const std::string& why);
+  // Whether an operation with `peer` is posted here (or on the side channel) and not over.
+  bool pending_with(int peer) const;
   Transport& negotiation() override { return negotiation_ ? *negotiation_ : *this; }
 
  private:

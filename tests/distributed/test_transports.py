@@ -262,3 +262,52 @@ def test_names_a_crashed_run_left_are_swept(tmp_path):
         )
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------------------- c10d heartbeat
+
+SILENT = 1.2  # a peer's beats silent this long (transport.cpp) and it is taken for dead
+
+
+def transport_closed_early(rank: int, world: int) -> dict:
+    """Both ranks exchange a message over a c10d transport of the world group; rank 1 then
+    drops its transport and lives on. Rank 0 keeps its own, idle, for well past the silence
+    limit: nothing of its may fail for it, and the group (whose backend the transport aborts
+    on a failure) must still work. Then rank 0 waits for a message from rank 1, which will
+    never come: that wait must fail at once, saying why."""
+    import gc
+
+    import torch.distributed as dist
+
+    from ppfast.runtime.transports import transport_for
+
+    t = transport_for(dist.group.WORLD, "cpu", "c10d", LONG_WAIT)
+    peer = 1 - rank
+    x, y = torch.full((4,), float(rank)), torch.empty(4)
+    # one at a time, in an order both agree on: NCCL pairs a send with its receive by order
+    for sending in (rank == 0, rank == 1):
+        (t.send(x, peer, 1) if sending else t.recv(y, peer, 1)).wait(WAIT)
+    if rank == 1:
+        del t
+        gc.collect()
+    time.sleep(3 * SILENT)  # rank 1's transport says nothing all this time
+    total = torch.ones(1)
+    dist.all_reduce(total, group=dist.group.WORLD)
+    out = {"sum": total.item(), "got": y.tolist()}
+    if rank == 0:
+        try:
+            t.recv(torch.empty(4), 1, 2).wait(LONG_WAIT)
+            out["wait"] = "no error"
+        except RuntimeError as e:
+            out["wait"] = str(e)
+    # (over NCCL that failure aborted the communicator: a receive posted there ends no other
+    # way, so the group is done)
+    return out
+
+
+@pytest.mark.parametrize("backend", ["gloo", "nccl_emu"])
+def test_a_peer_whose_transport_is_gone_fails_only_what_waits_for_it(backend):
+    got = run_ranks(transport_closed_early, 2, backend=backend, timeout=LONG_WAIT + 60.0)
+    assert [g["sum"] for g in got] == [2.0, 2.0], got
+    assert got[0]["got"] == [1.0] * 4 and got[1]["got"] == [0.0] * 4, got
+    assert "rank 1 closed its transport" in got[0]["wait"], got[0]
