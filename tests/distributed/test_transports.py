@@ -3,7 +3,8 @@
 The executor's view is covered by the equivalence and error tests (they run over it by
 default); here the transport is driven directly: sizes from empty to several MiB, receives
 taken in any order, more messages in flight than a lane has slots, a peer that gives up, a
-peer that dies, and nothing left behind in /dev/shm.
+peer that dies, and nothing left behind in /dev/shm. Last, the c10d transport's heartbeat: a
+peer whose transport is gone fails what waits on it, and nothing else.
 """
 
 from __future__ import annotations
