@@ -13,10 +13,8 @@ bench/results/checksum.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -26,18 +24,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import ppfast
-from ppfast.tools.benchmarks.machine import describe
+from ppfast.tools.benchmarks.machine import describe, free_port, header, write_record
 from ppfast.tools.benchmarks.workloads import make_workload
 
 VARIANTS = ("off", "on")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rank_main(rank: int, p: int, port: int, args, queue) -> None:
@@ -95,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args.model = "gpt"
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=rank_main, args=(r, 2, port, args, queue)) for r in range(2)]
     for proc in procs:
         proc.start()
@@ -124,15 +114,12 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     record = {
-        "machine": describe(),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "command": "python bench/bench_checksum.py " + " ".join(argv or sys.argv[1:]),
+        **header("bench/bench_checksum.py", argv),
         "setup": {k: v for k, v in vars(args).items() if k != "json"},
         "bytes_per_step": got["bytes"],
         "rows": rows,
     }
-    Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {args.json}")
+    write_record(args.json, record)
     return 0
 
 

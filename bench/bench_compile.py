@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -27,16 +25,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import ppfast
-from ppfast.tools.benchmarks.machine import describe
+from ppfast.tools.benchmarks.machine import describe, free_port, header, write_record
 from ppfast.tools.benchmarks.workloads import make_workload
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _blocks(stage: torch.nn.Module) -> list[torch.nn.Module]:
@@ -104,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     args.model = "gpt"
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=rank_main, args=(r, 2, port, args, queue)) for r in range(2)]
     for proc in procs:
         proc.start()
@@ -139,14 +129,11 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     record = {
-        "machine": describe(),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "command": "python bench/bench_compile.py " + " ".join(argv or sys.argv[1:]),
+        **header("bench/bench_compile.py", argv),
         "setup": {k: v for k, v in vars(args).items() if k != "json"},
         "rows": rows,
     }
-    Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {args.json}")
+    write_record(args.json, record)
     return 0
 
 

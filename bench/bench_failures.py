@@ -25,12 +25,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import signal
-import socket
 import statistics
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -43,17 +40,11 @@ from torch import nn
 import ppfast
 from ppfast._native import C
 from ppfast.runtime.transports import transport_for
-from ppfast.tools.benchmarks.machine import describe
+from ppfast.tools.benchmarks.machine import describe, free_port, header, write_record
 
 P, M, WIDTH, TIMEOUT = 3, 4, 256, 5.0
 CASES = ("kill", "freeze", "stall", "corrupt")
 TRANSPORTS = {"shm": ("gloo", "shm"), "gloo": ("gloo", "c10d"), "nccl_emu": ("nccl_emu", "c10d")}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Faulty(nn.Module):
@@ -112,7 +103,7 @@ def rank_main(rank, port, transport, case, mark, queue) -> None:
 def run_case(transport: str, case: str) -> dict:
     ctx = mp.get_context("spawn")
     queue, mark = ctx.Queue(), ctx.Value("d", 0.0)
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(target=rank_main, args=(r, port, transport, case, mark, queue))
         for r in range(P)
@@ -163,14 +154,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"transport": transport, "case": case, "slowest_s": worst,
                          "median_s": med, "raised": raised})  # fmt: skip
     record = {
-        "machine": describe(),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "command": "python bench/bench_failures.py " + " ".join(argv or sys.argv[1:]),
+        **header("bench/bench_failures.py", argv),
         "setup": {"ranks": P, "microbatches": M, "timeout_s": TIMEOUT, "repeats": args.repeats},
         "rows": rows,
     }
-    Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {args.json}")
+    write_record(args.json, record)
     return 0
 
 

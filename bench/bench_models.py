@@ -34,8 +34,6 @@ import argparse
 import copy
 import json
 import os
-import platform
-import socket
 import statistics
 import sys
 import time
@@ -47,6 +45,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+
+from ppfast.tools.benchmarks.machine import facts, free_port, header
 
 # ppfast schedule -> torch's counterpart (a class of torch.distributed.pipelining, or
 # "runtime": ppfast's program loaded into torch's _PipelineScheduleRuntime)
@@ -524,9 +524,7 @@ def run_model(args, model: str, width: int) -> tuple[list, dict]:
     load around the run."""
     import resource
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     load = {"loadavg_before": os.getloadavg()}
     busy0, psi0 = _proc_stat_busy(), _cpu_pressure_us()
     kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -763,23 +761,9 @@ def print_block(args, res: dict) -> None:
 
 
 def machine() -> dict:
-    model = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import transformers
 
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
+    return facts(transformers=transformers.__version__)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -826,14 +810,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch % args.microbatches:
         raise ValueError("--batch must be a multiple of --microbatches")
     mach = machine()
-    command = "python bench/bench_models.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"{mach['cpu']}, {mach['cores']} cores, torch {mach['torch']}, transformers "
           f"{mach['transformers']}; 2 gloo ranks x {args.threads} thread(s); medians of "
           f"{args.rounds} rounds")  # fmt: skip
     # ppfast's CPU schedules keep freed memory in the process (ppfast.training.host_memory);
     # the limit and torch's schedules run in the same processes, after ppfast's first step
     mach["keep_host_memory"] = os.environ.get("PPFAST_KEEP_HOST_MEMORY", "1") != "0"
-    run = {"machine": mach, "date": time.strftime("%Y-%m-%d %H:%M"), "command": command,
+    run = {**header("bench/bench_models.py", argv, machine=mach),
            "setup": {k: v for k, v in vars(args).items() if k not in ("json", "append")},
            "results": []}  # fmt: skip
     t0 = time.perf_counter()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -34,6 +33,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_models import cut, loss_fn, machine, make_model, untied_copy  # noqa: E402
+
+from ppfast.tools.benchmarks.machine import header, write_record  # noqa: E402
 
 VARIANTS = ("plain", "stage", "split", "no-norm", "no-embed")
 
@@ -239,14 +240,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{e['index_add_ms']:.2f} ms")  # fmt: skip
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = "python bench/bench_split_costs.py " + " ".join(
-        sys.argv[1:] if argv is None else argv
-    )
     setup = {k: v for k, v in vars(args).items() if k != "json"}  # no path of this machine
-    out.write_text(json.dumps({"machine": mach, "command": command,
-                               "date": time.strftime("%Y-%m-%d %H:%M"), "setup": setup,
-                               "models": results, "embedding": emb}, indent=1) + "\n")  # fmt: skip
-    print(f"\nwrote {out}")
+    write_record(out, {**header("bench/bench_split_costs.py", argv, machine=mach),
+                       "setup": setup, "models": results, "embedding": emb})  # fmt: skip
     return 0
 
 

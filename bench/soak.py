@@ -54,14 +54,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import math
 import multiprocessing as mp
 import os
-import platform
 import queue as queue_mod
 import re
-import socket
 import statistics
 import sys
 import threading
@@ -501,19 +498,15 @@ def any_growth(verdict: dict) -> list[str]:
 # ---------------------------------------------------------------------------- the run
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(args) -> list[dict]:
     """Run the ranks; their results by rank. Raises RuntimeError naming the rank that failed,
     or when the run is past ``--timeout`` (every process is killed then)."""
     world = args.pp * args.dp
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    from ppfast.tools.benchmarks.machine import free_port
+
+    port = free_port()
     procs = [
         ctx.Process(target=rank_main, args=(r, world, port, args, results), daemon=True)
         for r in range(world)
@@ -556,26 +549,6 @@ def spawn(args) -> list[dict]:
     return [done[r] for r in range(world)]
 
 
-def machine() -> dict:
-    import torch
-
-    model = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "kernel": platform.release(),
-    }
-
-
 def parse_args(argv: list[str] | None = None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=2000)
@@ -612,6 +585,8 @@ def parse_args(argv: list[str] | None = None):
 
 def run(args, argv: list[str] | None = None) -> dict:
     """The soak run and its verdict, as written to the JSON."""
+    from ppfast.tools.benchmarks.machine import facts, header
+
     warmup_step = math.ceil(args.warmup * args.steps / args.sample_every) * args.sample_every
     args.warmup_step = warmup_step = min(warmup_step, args.steps)
     window = args.steps - warmup_step
@@ -632,9 +607,7 @@ def run(args, argv: list[str] | None = None) -> dict:
         if k not in ("json", "timeout", "step_timeout", "warmup_step")
     }
     return {
-        "command": " ".join(["python bench/soak.py", *(sys.argv[1:] if argv is None else argv)]),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": machine(),
+        **header("bench/soak.py", argv, machine=facts()),
         "setup": {
             **setup,
             "ranks": f"{args.pp} pipeline ranks x {args.dp} replicas, spawned processes",
@@ -706,8 +679,9 @@ def main(argv: list[str] | None = None) -> int:
     print(summary(record))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
-        print(f"wrote {args.json}")
+        from ppfast.tools.benchmarks.machine import write_record
+
+        write_record(args.json, record)
     return 1 if record["grew"] else 0
 
 
