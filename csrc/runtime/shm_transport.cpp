@@ -2,6 +2,7 @@
 #include "runtime/shm_transport.h"
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <linux/futex.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -18,6 +19,7 @@
 #include <deque>
 #include <map>
 #include <mutex>
+#include <set>
 #include <thread>
 #include <vector>
 
@@ -84,10 +86,45 @@ void whole_file(struct flock* fl) {
   fl->l_whence = SEEK_SET;  // l_start = l_len = 0: the whole file, however long
 }
 
+// The descriptors that hold this process's locks. A child forked from it (a DataLoader worker)
+// shares their open file descriptions, and with them the locks: a rank that died would look
+// alive to its peers for as long as such a child lived. The child closes its copies at once
+// (and is given none of the mappings, which hold them too: map_fd).
+std::mutex locked_mu;
+std::set<int>& locked_fds() {
+  static std::set<int> fds;
+  return fds;
+}
+
+void close_locked_in_child() {
+  for (int fd : locked_fds()) close(fd);
+  locked_fds().clear();
+  locked_mu.unlock();  // locked by the parent's prepare handler, before the fork
+}
+
+void watch_forks() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    pthread_atfork([] { locked_mu.lock(); }, [] { locked_mu.unlock(); }, close_locked_in_child);
+  });
+}
+
 bool lock_file(int fd) {
   struct flock fl;
   whole_file(&fl);
-  return fcntl(fd, F_OFD_SETLK, &fl) == 0;
+  if (fcntl(fd, F_OFD_SETLK, &fl) != 0) return false;
+  watch_forks();
+  std::lock_guard<std::mutex> lock(locked_mu);
+  locked_fds().insert(fd);
+  return true;
+}
+
+// Closes a descriptor that lock_file() locked, dropping the lock. In a forked child, which
+// closed its copies when it began, a descriptor it no longer has is left alone: its number may
+// name another file now.
+void close_locked(int fd) {
+  std::lock_guard<std::mutex> lock(locked_mu);
+  if (locked_fds().erase(fd) > 0) close(fd);
 }
 
 // 1 when some other open file description holds a lock on fd's file, 0 when none does, -1 when
@@ -120,7 +157,7 @@ struct Mapping {
   // The name is gone or left to the peer: stop guarding it.
   void forget_name() {
     name.clear();
-    if (fd >= 0) close(fd);
+    if (fd >= 0) close_locked(fd);
     fd = -1;
   }
 };
@@ -128,6 +165,9 @@ struct Mapping {
 void* map_fd(int fd, size_t bytes, const std::string& name) {
   void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   if (p == MAP_FAILED) throw TransportError(sys_error("mmap of " + name), false);
+  // Not into a forked child: a mapping holds its open file description, and with it the lock
+  // that says this rank lives, as a descriptor does (see locked_fds).
+  madvise(p, bytes, MADV_DONTFORK);
   return p;
 }
 
@@ -156,7 +196,7 @@ int create_segment(const std::string& name, size_t bytes) {
   // Reserve the pages now: a full /dev/shm is then this error, not a SIGBUS at the memcpy.
   const int err = posix_fallocate(fd, 0, static_cast<off_t>(bytes));
   if (err != 0) {
-    close(fd);
+    close_locked(fd);
     shm_unlink(name.c_str());
     errno = err;
     throw TransportError(sys_error("cannot reserve " + std::to_string(bytes) + " bytes of " +
@@ -217,6 +257,7 @@ struct RecvOp {  // found by (source, tag) in ShmState::posted
 struct ShmState {
   std::string name;
   int rank, size;
+  pid_t creator = getpid();  // a forked child holds a copy of this state, and nothing to free
   std::mutex mu;  // one rank's executor drives it from one thread; Python may call abort()
   Mapping own;    // this rank's inbox
   std::vector<Inbox*> inboxes;             // by rank; inboxes[rank] is ours
@@ -298,7 +339,7 @@ struct ShmState {
       try {
         seg.ptr = map_fd(fd, bytes, seg_name);
       } catch (...) {
-        close(fd);
+        close_locked(fd);
         shm_unlink(seg_name.c_str());
         throw;
       }
@@ -573,7 +614,7 @@ ShmTransport::ShmTransport(const std::string& name, int rank, int size)
   try {
     st.own.ptr = map_fd(fd, bytes, own);  // zero-filled: all slots free
   } catch (...) {
-    close(fd);
+    close_locked(fd);
     shm_unlink(own.c_str());
     throw;
   }
@@ -644,6 +685,9 @@ void ShmTransport::unlink_names() {
 ShmTransport::~ShmTransport() {
   ShmState& st = *state_;
   std::lock_guard<std::mutex> lock(st.mu);
+  // A forked child's copy: the names, the slots and the descriptors are its parent's, and the
+  // mappings never came with the fork (their addresses may hold something else here now).
+  if (getpid() != st.creator) return;
   // A data segment's name goes with whichever side is last to need it: the receiver unlinks it
   // when it maps it; a message still in flight is left to the receiver, which unlinks those
   // it never took when it goes.

@@ -10,6 +10,7 @@ peer whose transport is gone fails what waits on it, and nothing else.
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pytest
@@ -153,6 +154,55 @@ def test_a_peer_that_gives_up_fails_the_wait_at_once():
 def test_a_peer_that_dies_fails_the_wait_without_its_timeout():
     got = run_ranks(fail_rank_0, 2, "exit", timeout=LONG_WAIT + 60.0, may_exit={0})[1]
     assert "rank 0 (pid" in got["message"] and "has exited" in got["message"], got
+
+
+def fork_then_die(rank: int, world: int, marks: str, child_drops: bool) -> dict:
+    """Rank 0 forks a child, as a DataLoader with workers does, which sleeps, holding its copy
+    of the transport or having dropped it; rank 0 then exchanges a message with rank 1 and
+    exits. Rank 1 waits for one more message from it: the child, alive, must not keep rank 0
+    looking alive, nor its dropping a copy break rank 0's transport."""
+    import gc
+
+    t = _shm(rank, world)
+    child_ended = os.path.join(marks, "child-ended")
+    if rank == 0:
+        child = os.fork()
+        if child == 0:
+            if child_drops:
+                del t
+                gc.collect()
+            with open(os.path.join(marks, "child-dropped"), "w"):
+                pass
+            time.sleep(LONG_WAIT / 2)
+            with open(child_ended, "w"):
+                pass
+            os._exit(0)
+        with open(os.path.join(marks, "child"), "w") as f:
+            f.write(str(child))
+        while not os.path.exists(os.path.join(marks, "child-dropped")):
+            time.sleep(0.01)
+        t.send(torch.full((4,), 7.0), 1, 1).wait(WAIT)
+        os._exit(1)
+    y = torch.empty(4)
+    t.recv(y, 0, 1).wait(WAIT)
+    try:
+        t.recv(torch.empty(4), 0, 2).wait(LONG_WAIT)
+        message = "no error"
+    except RuntimeError as e:
+        message = str(e)
+    out = {"got": y.tolist(), "message": message, "child_ended": os.path.exists(child_ended)}
+    with open(os.path.join(marks, "child")) as f:
+        os.kill(int(f.read()), signal.SIGKILL)
+    return out
+
+
+@pytest.mark.parametrize("child_drops", [False, True], ids=["child-keeps", "child-drops"])
+def test_a_forked_child_does_not_keep_a_dead_rank_alive(tmp_path, child_drops):
+    args = (str(tmp_path), child_drops)
+    got = run_ranks(fork_then_die, 2, *args, timeout=LONG_WAIT + 60.0, may_exit={0})[1]
+    assert got["got"] == [7.0] * 4, got
+    assert "rank 0 (pid" in got["message"] and "has exited" in got["message"], got
+    assert not got["child_ended"], "the wait ended only when the child did"
 
 
 def leaves_nothing(rank: int, world: int) -> dict:
