@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <future>
 #include <thread>
 
 #include <c10/core/StreamGuard.h>
@@ -367,16 +368,28 @@ C10dTransport::~C10dTransport() {
   if (watcher_.joinable()) watcher_.detach();
 }
 
+// How long abort() waits for its notice to reach the store: a few milliseconds as a rule. A
+// store that does not answer (its host, rank 0 as a rule, froze) must not hold up the error
+// this rank is about to raise; the write goes on in the background, and peers that never read
+// it fail at their own timeout.
+constexpr auto kNoticeWait = std::chrono::seconds(1);
+
 void C10dTransport::abort(const std::string& why) {
   if (store_ && !abort_key_.empty()) {
-    try {
-      const std::string text = "rank " + std::to_string(rank_) + " gave up: " + why;
-      // the first notice stays: peers are told why this rank gave up first, not what failed
-      // after it (compareSet with nothing expected sets only a key that does not exist)
-      store_->compareSet(abort_key_, {}, std::vector<uint8_t>(text.begin(), text.end()));
-    } catch (const std::exception&) {
-      // the store is gone with the job: peers learn from the connections instead
-    }
+    const std::string text = "rank " + std::to_string(rank_) + " gave up: " + why;
+    auto written = std::make_shared<std::promise<void>>();
+    auto landed = written->get_future();
+    std::thread([store = store_, key = abort_key_, text, written] {
+      try {
+        // the first notice stays: peers are told why this rank gave up first, not what failed
+        // after it (compareSet with nothing expected sets only a key that does not exist)
+        store->compareSet(key, {}, std::vector<uint8_t>(text.begin(), text.end()));
+      } catch (const std::exception&) {
+        // the store is gone with the job: peers learn from the connections instead
+      }
+      written->set_value();
+    }).detach();
+    landed.wait_for(kNoticeWait);
   }
   abort_->fail_pending("this rank gave up: " + why);
 }

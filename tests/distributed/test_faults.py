@@ -9,6 +9,10 @@ Three ranks train the toy MLP (stage r on rank r). Rank 1 is the faulty one:
   shapes. Both survivors border it; they must name it, without waiting out their timeout
   (``timed_out`` is False with a 60 s timeout), and where the death's moment is known (the
   compute kills write it down) within 2 s of it.
+- **frozen** (SIGSTOP) in its first send or in a forward: alive, silent, its connections open.
+  Over c10d the survivors name it within 2 s by its silent heartbeat; where only the timeout
+  can tell (shared memory, or rank 0 frozen: it hosts the store the heartbeat goes through),
+  within the timeout and the notice after it.
 - **its messages** delayed, stalled, dropped, duplicated, reordered or corrupted, with the
   payload checksum on (PPFAST_CHECKSUM=1), and a shape header corrupted with it off. Each
   fault runs on a fresh process group and transport of one spawn per transport.
@@ -147,21 +151,30 @@ def test_a_killed_rank_is_named_by_every_survivor(at, transport, tmp_path):
 
 # ---------------------------------------------------------------------------- frozen ranks
 
-FREEZES = ["first step", "F"]
-FROZEN_TIMEOUT = {"shm": TIMEOUT, "gloo": KILL_TIMEOUT, "nccl_emu": KILL_TIMEOUT}
+# (where it stops, which rank): rank 0 hosts the group's store, through which the c10d
+# transport's heartbeat and notices go
+FREEZES = [("first step", 1), ("F", 1), ("F", 0)]
 
 
-def freeze_rank(rank: int, p: int, at: str, transport: str, marks: str) -> dict | None:
-    """Rank 1 stops (SIGSTOP) at its first send of step 0 (just after its transport came up),
-    or in its forward of microbatch 1 in step 1: alive, its connections and locks held, silent.
-    The survivors report what they raised; rank 0 then ends rank 1, once rank 2 has reported."""
+def frozen_timeout(transport: str, frozen: int) -> float:
+    """Over c10d the heartbeat names a frozen rank long before a 60 s timeout, unless the frozen
+    one holds the store: then, as over shared memory (where its lock stays), only the timeout
+    can end the wait."""
+    return TIMEOUT if transport == "shm" or frozen == 0 else KILL_TIMEOUT
+
+
+def freeze_rank(rank: int, p: int, at: str, frozen: int, transport: str, marks: str) -> dict:
+    """Rank ``frozen`` stops (SIGSTOP) at its first send of step 0 (just after its transport
+    came up), or in its forward of microbatch 1 in step 1: alive, its connections and locks
+    held, silent. The survivors report what they raised; the first then ends the frozen one,
+    once the other has reported."""
     import signal
 
     from ppfast.training import pipeline
 
-    kind, timeout = TRANSPORTS[transport][1], FROZEN_TIMEOUT[transport]
+    kind, timeout = TRANSPORTS[transport][1], frozen_timeout(transport, frozen)
     state = {"step": 0}
-    if rank == 1 and at == "F":
+    if rank == frozen and at == "F":
         forward = pipeline._RankCompute.forward
 
         def stop_in_forward(self, stage, mb, *args):
@@ -174,7 +187,7 @@ def freeze_rank(rank: int, p: int, at: str, transport: str, marks: str) -> dict 
         pipeline._RankCompute.forward = stop_in_forward
     wire = faulty_transport(kind, timeout)
     sched = schedule_for(rank, "1f1b", timeout, wire)
-    if rank == 1:
+    if rank == frozen:
         with open(os.path.join(marks, "pid"), "w") as f:
             f.write(str(os.getpid()))
         if at == "first step":
@@ -192,9 +205,12 @@ def freeze_rank(rank: int, p: int, at: str, transport: str, marks: str) -> dict 
             break
     with open(os.path.join(marks, f"reported-{rank}"), "w"):
         pass
-    if rank == 0:  # a stopped process would outlive the group: end it once both have reported
+    first, other = (r for r in range(P) if r != frozen)
+    if rank == first:  # a stopped process would outlive the group: end it once both reported
         deadline = time.time() + 30
-        while not os.path.exists(os.path.join(marks, "reported-2")) and time.time() < deadline:
+        while not os.path.exists(os.path.join(marks, f"reported-{other}")):
+            if time.time() > deadline:
+                break
             time.sleep(0.05)
         with open(os.path.join(marks, "pid")) as f:
             os.kill(int(f.read()), signal.SIGKILL)
@@ -202,28 +218,34 @@ def freeze_rank(rank: int, p: int, at: str, transport: str, marks: str) -> dict 
 
 
 @pytest.mark.parametrize("transport", list(TRANSPORTS))
-@pytest.mark.parametrize("at", FREEZES)
-def test_a_frozen_rank_is_named_by_every_survivor(at, transport, tmp_path):
+@pytest.mark.parametrize(("at", "frozen"), FREEZES)
+def test_a_frozen_rank_is_named_by_every_survivor(at, frozen, transport, tmp_path):
     """Over c10d, the frozen rank's heartbeat falls silent: survivors name it within 2 s, long
-    before their 60 s timeout. Over shared memory it still holds the lock that says it lives:
-    a frozen rank is a stalled one, and the survivors raise at their (3 s) timeout."""
+    before their 60 s timeout. Over shared memory it still holds the lock that says it lives,
+    and a frozen store host (rank 0) silences the heartbeat itself: there a frozen rank is a
+    stalled one, and the survivors raise at their (3 s) timeout, none held up by the store."""
     kw = TRANSPORTS[transport][0]
-    res = run_ranks(freeze_rank, P, at, transport, str(tmp_path), timeout=120, may_exit={1}, **kw)
-    assert res[1] is None, f"rank 1 was meant to stop: {res[1]}"
+    args = (at, frozen, transport, str(tmp_path))
+    res = run_ranks(freeze_rank, P, *args, timeout=120, may_exit={frozen}, **kw)
+    assert res[frozen] is None, f"rank {frozen} was meant to stop: {res[frozen]}"
     froze = float((tmp_path / "froze").read_text())
-    for rank in (0, 2):
+    by_timeout = frozen_timeout(transport, frozen) == TIMEOUT
+    survivors = [r for r in range(P) if r != frozen]
+    for rank in survivors:
         got = res[rank]
         assert got["type"] == "PipelineCommError", (rank, got)
         assert got["step"] == (0 if at == "first step" else 1), got
-        assert (got["rank"], got["peer"]) == (rank, 1), got
         assert got["action"] and f"rank {rank}, action " in got["text"], got
-        if transport == "shm":  # the first to time out tells the other, which raises then
+        # its neighbour names it; a rank further down names the one it waited on
+        neighbour = abs(rank - frozen) == 1
+        assert got["rank"] == rank and got["peer"] in ((frozen,) if neighbour else (1,)), got
+        if by_timeout:  # the first to time out tells the other, if it can, which raises then
             assert got["raised_at"] - froze < TIMEOUT + NOTICE, got
         else:
             assert got["timed_out"] is False and "froze" in got["text"], got
             assert got["raised_at"] - froze < NOTICE, got
-    if transport == "shm":
-        assert any(res[r]["timed_out"] for r in (0, 2)), res
+    if by_timeout:
+        assert any(res[r]["timed_out"] for r in survivors), res
 
 
 # ---------------------------------------------------------------------------- message faults
@@ -325,9 +347,12 @@ def test_a_stall_or_a_lost_message_ends_at_the_timeout(faults, name):
         pytest.skip(f"{name} on {transport} runs in a spawn of its own")
     errors = [failed_step(res[rank][name]["steps"]) for rank in range(P)]
     assert all(e is not None for e in errors), (transport, errors)
-    # the rank that waits on rank 1's message gives up at its timeout and says so; the others
-    # hear it from that rank (or wait out their own timeout)
-    assert any(e["timed_out"] and e["peer"] == 1 for e in errors), errors
+    # only a timeout tells a lost or stalled message from a slow one: the first rank to time
+    # out (the one waiting on rank 1's message, or one that waits on a rank held up by it, as
+    # rank 1 waits on the receiver's reply) gives up and says so; the others hear it from that
+    # rank (or wait out their own timeout)
+    assert any(e["timed_out"] for e in errors), errors
+    assert all(e["peer"] in range(P) and e["peer"] != r for r, e in enumerate(errors)), errors
     # the stalled rank itself is held up by its stall; every other rank ends in time
     for rank, e in enumerate(errors):
         if name == "drop" or rank != 1:
