@@ -238,13 +238,13 @@ const std::vector<uint8_t> kClosed{'c', 'l', 'o', 's', 'e', 'd'};  // a beat tha
 
 // Every 50 ms: has another rank left a notice? Then fail what is pending here. Every 200 ms:
 // beat (a counter under this rank's key), and read the beats of the peers this rank has
-// exchanged messages with. A peer silent for 1.2 s is dead (or frozen), and one whose beat
-// says "closed" has dropped its transport: either way what waits on it here will never end,
-// and fails naming it. Nothing else fails: a peer that is gone while this rank needs nothing
-// from it (its run ended first, its schedule was rebuilt) breaks nothing here, least of all a
-// backend that the failure would abort (NCCL's). A rank that dies cannot leave a notice:
-// without beats, its peers would learn of it only from their backend (gloo: a closed
-// connection; NCCL: nothing until its watchdog) or at their timeout.
+// exchanged messages with. A peer silent for 1.2 s is dead (or frozen): what is pending here
+// with it fails, naming it. Nothing else fails: a silent peer this rank needs nothing from
+// breaks nothing here, least of all a backend that the failure would abort (NCCL's). A peer
+// whose beat says "closed" dropped its transport on purpose (its run ended first, its schedule
+// was rebuilt) and is not judged at all. A rank that dies cannot leave a notice: without
+// beats, its peers would learn of it only from their backend (gloo: a closed connection;
+// NCCL: nothing until its watchdog) or at their timeout.
 void watch(std::shared_ptr<AbortState> state, c10::intrusive_ptr<c10d::Store> store,
            std::string key) {
   using clock = std::chrono::steady_clock;
@@ -297,19 +297,16 @@ void watch(std::shared_ptr<AbortState> state, c10::intrusive_ptr<c10d::Store> st
         auto beat = store->get(k);
         auto [it, fresh] = heard.try_emplace(r, Heard{beat, now});
         if (!fresh && it->second.beat != beat) it->second = Heard{std::move(beat), now};
-        const bool closed = it->second.beat == kClosed;
+        // It left on purpose, its part done: what it sent is on its way or here, and what
+        // still waits on it (behind other operations, as NCCL orders them) may yet complete.
+        if (it->second.beat == kClosed) continue;
         const auto silent = now - it->second.changed;
-        if (!closed && silent <= kSilentFor) continue;
+        if (silent <= kSilentFor) continue;
         if (!state->pending_with(r)) continue;  // nothing here waits on it
-        const std::string who = "rank " + std::to_string(r);
         state->fail_pending(
-            closed ? who + " closed its transport (its run or schedule ended) with messages to "
-                           "or from rank " + std::to_string(state->rank) + " still pending"
-                   : who + " has not been heard from for " +
-                         std::to_string(
-                             std::chrono::duration_cast<std::chrono::milliseconds>(silent)
-                                 .count()) +
-                         " ms: its process died or froze");
+            "rank " + std::to_string(r) + " has not been heard from for " +
+            std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(silent).count()) +
+            " ms: its process died or froze");
         return;
       }
     } catch (const std::exception&) {

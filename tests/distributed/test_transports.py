@@ -4,7 +4,7 @@ The executor's view is covered by the equivalence and error tests (they run over
 default); here the transport is driven directly: sizes from empty to several MiB, receives
 taken in any order, more messages in flight than a lane has slots, a peer that gives up, a
 peer that dies, and nothing left behind in /dev/shm. Last, the c10d transport's heartbeat: a
-peer whose transport is gone fails what waits on it, and nothing else.
+peer that closed its transport is not taken for dead, nor does its silence break the group.
 """
 
 from __future__ import annotations
@@ -324,8 +324,9 @@ def transport_closed_early(rank: int, world: int) -> dict:
     """Both ranks exchange a message over a c10d transport of the world group; rank 1 then
     drops its transport and lives on. Rank 0 keeps its own, idle, for well past the silence
     limit: nothing of its may fail for it, and the group (whose backend the transport aborts
-    on a failure) must still work. Then rank 0 waits for a message from rank 1, which will
-    never come: that wait must fail at once, saying why."""
+    on a failure) must still work. Then rank 0 waits a moment for a message rank 1 never
+    sends: a peer that closed its transport left on purpose, so that wait runs to its
+    timeout; it is not failed as if rank 1 had died."""
     import gc
 
     import torch.distributed as dist
@@ -347,18 +348,19 @@ def transport_closed_early(rank: int, world: int) -> dict:
     out = {"sum": total.item(), "got": y.tolist()}
     if rank == 0:
         try:
-            t.recv(torch.empty(4), 1, 2).wait(LONG_WAIT)
+            t.recv(torch.empty(4), 1, 2).wait(3 * SILENT)
             out["wait"] = "no error"
         except RuntimeError as e:
             out["wait"] = str(e)
-    # (over NCCL that failure aborted the communicator: a receive posted there ends no other
-    # way, so the group is done)
+    # (over NCCL that receive stays posted, and the communicator can only be aborted: the
+    # group is done)
     return out
 
 
 @pytest.mark.parametrize("backend", ["gloo", "nccl_emu"])
-def test_a_peer_whose_transport_is_gone_fails_only_what_waits_for_it(backend):
+def test_a_peer_that_closed_its_transport_is_not_taken_for_dead(backend):
     got = run_ranks(transport_closed_early, 2, backend=backend, timeout=LONG_WAIT + 60.0)
     assert [g["sum"] for g in got] == [2.0, 2.0], got
     assert got[0]["got"] == [1.0] * 4 and got[1]["got"] == [0.0] * 4, got
-    assert "rank 1 closed its transport" in got[0]["wait"], got[0]
+    wait = got[0]["wait"].lower()  # the backend's words: gloo's "Timed out", NCCL's "timeout"
+    assert ("timed out" in wait or "timeout" in wait) and "heard from" not in wait, got[0]
