@@ -18,6 +18,16 @@ class RanksFailed(AssertionError):
     """A rank raised, died, or the group ran past its time; the message says which and why."""
 
 
+def dead_pid() -> int:
+    """A pid that no process here has now: that of a child that has already exited."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    return int(done.stdout)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

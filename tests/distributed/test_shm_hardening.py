@@ -33,6 +33,7 @@ import time
 
 import pytest
 import torch
+from ranks import dead_pid
 
 WAIT = 20.0
 SHM = "/dev/shm"
@@ -309,19 +310,13 @@ def test_a_live_peer_in_another_pid_namespace_is_not_judged_dead():
 # ---------------------------------------------------------------- sweep
 
 
-def _dead_pid() -> int:
-    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)  # fmt: skip
-    return int(done.stdout)
-
-
 def test_sweep_keeps_what_a_process_locks_whatever_pid_its_name_has(tmp_path):
     """A name whose pid is dead here but that a live process locks (a rank in another PID
     namespace) stays; unlocked old names go, young ones stay; once the lock holder dies,
     its name goes too."""
     from ppfast.runtime.transports import sweep
 
-    pid = _dead_pid()
+    pid = dead_pid()
     locked, unlocked, young = (
         tmp_path / f"ppfast-{pid}-0123456789ab-in-0",
         tmp_path / f"ppfast-{pid}-0123456789abcdef-1-0-2-3",
