@@ -96,9 +96,14 @@ std::set<int>& locked_fds() {
   return fds;
 }
 
+// How many forks lie between this process and the one that ran the first lock_file(): a
+// transport built under another count belongs to an ancestor.
+std::atomic<uint32_t> forks_seen{0};
+
 void close_locked_in_child() {
   for (int fd : locked_fds()) close(fd);
   locked_fds().clear();
+  forks_seen.fetch_add(1, std::memory_order_relaxed);
   locked_mu.unlock();  // locked by the parent's prepare handler, before the fork
 }
 
@@ -257,7 +262,11 @@ struct RecvOp {  // found by (source, tag) in ShmState::posted
 struct ShmState {
   std::string name;
   int rank, size;
-  pid_t creator = getpid();  // a forked child holds a copy of this state, and nothing to free
+  // forks_seen when it was built: under another count it is a forked child's copy, with
+  // none of the mappings and nothing of its own to free
+  uint32_t born = forks_seen.load(std::memory_order_relaxed);
+
+  bool foreign() const { return born != forks_seen.load(std::memory_order_relaxed); }
   std::mutex mu;  // one rank's executor drives it from one thread; Python may call abort()
   Mapping own;    // this rank's inbox
   std::vector<Inbox*> inboxes;             // by rank; inboxes[rank] is ours
@@ -677,6 +686,7 @@ void ShmTransport::connect(std::chrono::milliseconds timeout) {
 }
 
 void ShmTransport::unlink_names() {
+  if (state_->foreign()) return;  // the parent's names
   std::lock_guard<std::mutex> lock(state_->mu);
   if (!state_->own.name.empty()) shm_unlink(state_->own.name.c_str());
   state_->own.name.clear();
@@ -684,10 +694,11 @@ void ShmTransport::unlink_names() {
 
 ShmTransport::~ShmTransport() {
   ShmState& st = *state_;
-  std::lock_guard<std::mutex> lock(st.mu);
   // A forked child's copy: the names, the slots and the descriptors are its parent's, and the
-  // mappings never came with the fork (their addresses may hold something else here now).
-  if (getpid() != st.creator) return;
+  // mappings never came with the fork (their addresses may hold something else here now). Not
+  // even its mutex: another of the parent's threads may have held it at the fork.
+  if (st.foreign()) return;
+  std::lock_guard<std::mutex> lock(st.mu);
   // A data segment's name goes with whichever side is last to need it: the receiver unlinks it
   // when it maps it; a message still in flight is left to the receiver, which unlinks those
   // it never took when it goes.
@@ -734,6 +745,16 @@ static void check_tensor(const at::Tensor& t, const char* what) {
   }
 }
 
+// A forked child (a DataLoader worker) holds a copy of its parent's transport, without the
+// mappings (map_fd): using it would touch memory the child does not have.
+static void check_owner(const ShmState& st) {
+  if (st.foreign()) {
+    throw std::runtime_error("this shared-memory transport belongs to the process that forked "
+                             "this one: a forked child cannot send, receive or abort through "
+                             "it; build a transport in the child, or use it from the parent");
+  }
+}
+
 static void check_peer(int peer, int rank, int size) {
   if (peer < 0 || peer >= size || peer == rank) {
     throw std::invalid_argument("peer " + std::to_string(peer) + " is not another rank of this " +
@@ -743,6 +764,7 @@ static void check_peer(int peer, int rank, int size) {
 }
 
 std::shared_ptr<Handle> ShmTransport::send(const at::Tensor& tensor, int peer, int64_t tag) {
+  check_owner(*state_);
   check_tensor(tensor, "cannot send");
   check_peer(peer, rank_, size_);
   auto pending = std::make_shared<PendingSend>();
@@ -759,6 +781,7 @@ std::shared_ptr<Handle> ShmTransport::send(const at::Tensor& tensor, int peer, i
 }
 
 std::shared_ptr<Handle> ShmTransport::recv(const at::Tensor& tensor, int peer, int64_t tag) {
+  check_owner(*state_);
   check_tensor(tensor, "cannot receive into");
   check_peer(peer, rank_, size_);
   if (!tensor.is_contiguous()) {
@@ -776,6 +799,7 @@ std::shared_ptr<Handle> ShmTransport::recv(const at::Tensor& tensor, int peer, i
 
 void ShmTransport::abort(const std::string& why) {
   ShmState& st = *state_;
+  check_owner(st);
   for (int r = 0; r < size_; ++r) {
     Inbox* box = r < static_cast<int>(st.inboxes.size()) ? st.inboxes[r] : nullptr;
     if (r == rank_ || box == nullptr) continue;

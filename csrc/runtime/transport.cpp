@@ -410,7 +410,6 @@ bool AbortState::pending_with(int peer) {
   return side && side->pending_with(peer);
 }
 
-
 void AbortState::fail_pending(const std::string& reason) {
   {
     std::lock_guard<std::mutex> lock(mutex);

@@ -15,7 +15,7 @@ import time
 
 import pytest
 import torch
-from ranks import run_ranks
+from ranks import dead_pid, run_ranks
 
 WAIT = 20.0
 SLOTS = 64  # a lane's slots (shm_transport.cpp)
@@ -171,6 +171,14 @@ def fork_then_die(rank: int, world: int, marks: str, child_drops: bool) -> dict:
             if child_drops:
                 del t
                 gc.collect()
+            else:  # its copy is not for use: the mappings stayed with the parent
+                try:
+                    t.send(torch.ones(4), 1, 9)
+                    said = "no error"
+                except RuntimeError as e:
+                    said = str(e)
+                with open(os.path.join(marks, "child-send"), "w") as f:
+                    f.write(said)
             with open(os.path.join(marks, "child-dropped"), "w"):
                 pass
             time.sleep(LONG_WAIT / 2)
@@ -203,6 +211,9 @@ def test_a_forked_child_does_not_keep_a_dead_rank_alive(tmp_path, child_drops):
     assert got["got"] == [7.0] * 4, got
     assert "rank 0 (pid" in got["message"] and "has exited" in got["message"], got
     assert not got["child_ended"], "the wait ended only when the child did"
+    if not child_drops:
+        said = (tmp_path / "child-send").read_text()
+        assert "a forked child cannot send" in said, said
 
 
 def leaves_nothing(rank: int, world: int) -> dict:
@@ -282,14 +293,10 @@ def test_an_unknown_transport_is_refused_before_any_communication(monkeypatch):
 def test_names_a_crashed_run_left_are_swept(tmp_path):
     import fcntl
     import struct
-    import subprocess
-    import sys
 
     from ppfast.runtime.transports import sweep
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)  # fmt: skip
-    pid = int(dead.stdout)
+    pid = dead_pid()
     old, young, live = (
         tmp_path / f"ppfast-{pid}-0123456789abcdef-1-0-1",
         tmp_path / f"ppfast-{pid}-0123456789abcdef-1-1-1",
